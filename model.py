@@ -1,0 +1,216 @@
+"""
+A self-contained GPT, readable top to bottom, in the spirit of nanoGPT's model.py.
+
+It keeps GPT-2's parameter layout (transformer.wte / wpe / h.N.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,
+mlp.c_proj} / ln_f, and an lm_head tied to wte), so GPT-2 weights can be mapped in one-to-one.
+
+Beyond nanoGPT it offers what preference optimisation needs:
+  - token_logprobs(idx, targets): per-token log p(target | prefix), always float32 (the DPO loss takes
+    differences of sums of these; bf16 rounding would swamp a small margin);
+  - optional position ids and attention masks, so left-padded batches and prefix-shared sequences work;
+  - batched generation from prompts of different lengths (greedy, or temperature / top-k sampling) that stops
+    each row at EOS.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 64      # longest sequence the position table covers
+    vocab_size: int = 258     # the byte tokenizer's 256 bytes + <|endoftext|> + <|pad|>
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True         # GPT-2 has biases in Linear and LayerNorm
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x, attn_mask=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_size)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        dropout_p = self.dropout if self.training else 0.0
+        if attn_mask is None:
+            # the common case: plain causal attention, which lets SDPA pick its fastest kernel
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            # attn_mask: bool (B or 1, 1, T, T), True = may attend. The caller builds causality into it.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # GPT-2's tanh-approximate GELU as one fused op (written out by hand it costs ~4x on CPU)
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), attn_mask)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+def logprobs_from_logits(logits, targets):
+    """logits (B, T, V) in any dtype, targets (B, T) -> log p(targets) (B, T) in float32. The training scripts
+    call this on the output of a (possibly DDP-wrapped or compiled) model's forward."""
+    logps = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    return torch.gather(logps, 2, targets.unsqueeze(-1)).squeeze(-1)
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (GPT-2 does it): the output projection is the token embedding
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init of the residual projections keeps the residual stream's variance flat in depth
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; the position table is left out by default, as in nanoGPT (the token table is
+        shared with lm_head and so is counted)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx, targets=None, pos=None, attn_mask=None, last_only=False):
+        """idx: (B, T) token ids. pos: (B, T) or (T,) position ids, default 0..T-1.
+        attn_mask: None for causal attention, or bool (B, 1, T, T) with True = may attend.
+        Returns (logits, loss): logits (B, T, V), or (B, 1, V) with last_only; loss is the mean
+        cross-entropy over targets != -1 when targets are given, else None."""
+        B, T = idx.size()
+        assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
+        if pos is None:
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for block in self.transformer.h:
+            x = block(x, attn_mask)
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, [-1], :]  # generation only needs the next token: skip T-1 rows of the lm_head matmul
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def token_logprobs(self, idx, targets, pos=None, attn_mask=None):
+        """log p(targets[b, t] | idx[b, :t+1]) for every position: (B, T) float32.
+        The logits are upcast before the log-softmax, so under bf16/fp16 autocast the normaliser and the
+        log-probs are still float32."""
+        logits, _ = self(idx, pos=pos, attn_mask=attn_mask)
+        return logprobs_from_logits(logits, targets)
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, top_k=None, generator=None):
+        """Continue each prompt (a list of token-id lists, lengths may differ) until EOS or max_new_tokens.
+        temperature 0 is greedy; otherwise sample from softmax(logits / temperature), restricted to the top_k
+        tokens when given. Returns a list of generated id lists, EOS excluded.
+        Prompts are left-padded so every row's next token sits in the last column; padding is kept out of
+        attention by a mask and position ids count real tokens only, so a row's output does not depend on
+        what else is in the batch. There is no KV cache: each step re-runs the (short) sequence."""
+        device = self.transformer.wte.weight.device
+        B, L = len(prompts), max(len(p) for p in prompts)
+        idx = torch.full((B, L), pad_id, dtype=torch.long, device=device)
+        real = torch.zeros((B, L), dtype=torch.bool, device=device)  # True where a real token sits
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"generate: prompt {i} is empty")
+            idx[i, L - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+            real[i, L - len(p):] = True
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            idx_cond, real_cond = idx[:, -self.config.block_size:], real[:, -self.config.block_size:]
+            T = idx_cond.size(1)
+            if real_cond.all():
+                pos, mask = None, None
+            else:
+                pos = (real_cond.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+                causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+                mask = causal[None] & real_cond[:, None, :]
+                # a padding query sees only itself, so no row of the softmax is empty (an empty row is NaN)
+                mask = mask | torch.eye(T, dtype=torch.bool, device=device)[None]
+                mask = mask[:, None]  # (B, 1, T, T)
+            logits, _ = self(idx_cond, pos=pos, attn_mask=mask, last_only=True)
+            logits = logits[:, -1, :].float()  # (B, V)
+            if temperature == 0.0:
+                next_id = logits.argmax(dim=-1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                probs = F.softmax(logits, dim=-1)
+                next_id = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+            next_id = torch.where(done, torch.full_like(next_id, pad_id), next_id)  # finished rows idle
+            idx = torch.cat([idx, next_id[:, None]], dim=1)
+            real = torch.cat([real, (~done)[:, None]], dim=1)
+            done = done | (next_id == eos_id)
+            if done.all():
+                break
+        out = []
+        for row in idx[:, L:].tolist():  # one host copy at the end, not one per token
+            out.append(row[:row.index(eos_id)] if eos_id in row else row)
+        return out

@@ -1,0 +1,118 @@
+"""
+Supervised fine-tuning: train a GPT on prompt -> response demonstrations, the loss on response tokens and EOS
+only, and save the checkpoint dpo.py starts from.
+
+On the embedded task (default), from scratch, on a CPU:
+$ python sft.py
+Smaller or different runs override any setting below:
+$ python sft.py --max_iters=200 --out_dir=out/sft_short
+$ python sft.py config/tiny.py
+With DDP on 2 processes (gloo on CPU, nccl on GPUs); the global batch stays the same:
+$ torchrun --standalone --nproc_per_node=2 sft.py
+"""
+
+import os
+import time
+
+import torch
+
+import common
+from configurator import apply_overrides
+from data import AdditionTask, BatchOrder, Tokenizer, collate, encode_sft_rows
+from losses import sequence_logprobs, sft_loss
+from model import GPT, GPTConfig, logprobs_from_logits
+
+# -----------------------------------------------------------------------------------------------------------
+# default config: the embedded task's recipe, about 1.5 minutes on a 2-core CPU
+out_dir = "out/sft"
+seed = 1
+device = "auto"           # 'auto' = cuda if available, else cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"            # 'auto' = bfloat16 on CUDA when supported, else float32; or 'float32', 'bfloat16'
+compile = False           # torch.compile the model (costs ~30 s up front on a CPU for a small speed-up)
+eval_interval = 200
+log_interval = 50
+# data: the embedded task
+tokenizer = "byte"        # 'byte' (offline, 258 tokens) or 'gpt2' (tiktoken r50k_base)
+n_digits = 2              # a+b with n-digit a and b
+n_eval = 1000             # held-out problems, disjoint from training
+task_seed = 1234          # fixes the train/held-out split, whatever --seed is
+slip_prob = 0.6           # fraction of demonstrations given the 'forgot every carry' answer
+# model (nanoGPT's names)
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 32
+dropout = 0.0
+bias = True
+# optimisation
+batch_size = 128          # rows per micro-batch
+gradient_accumulation_steps = 1  # micro-batches per step, over all ranks
+max_iters = 800
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 50
+lr_decay_iters = 0        # 0 = max_iters
+decay_lr = True
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.99              # the tiny model sees few tokens per step (nanoGPT's shakespeare-char uses 0.99)
+grad_clip = 1.0
+max_nonfinite = 5         # stop after this many non-finite steps in a row
+# -----------------------------------------------------------------------------------------------------------
+config = apply_overrides(globals())
+# -----------------------------------------------------------------------------------------------------------
+
+t_start = time.time()
+rt = common.setup_runtime(device, dtype, seed)
+tok = Tokenizer(tokenizer)
+task = AdditionTask(n_digits, n_eval, task_seed)
+
+# the imperfect demonstrations, as token ids
+rows, n_wrong = task.sft_rows(slip_prob, seed)
+train_data, skipped = encode_sft_rows(rows, tok, block_size, source="embedded task")
+if rt.master:
+    print(f"SFT data: {len(train_data)} demonstrations ({n_wrong} = {n_wrong / len(rows):.1%} with a wrong "
+          f"answer), {len(task.eval_problems)} held-out problems, skipped: {skipped}")
+
+model = GPT(GPTConfig(block_size=block_size, vocab_size=tok.n_vocab, n_layer=n_layer, n_head=n_head,
+                      n_embd=n_embd, dropout=dropout, bias=bias)).to(rt.device)
+if rt.master:
+    print(f"model: {model.get_num_params() / 1e6:.2f}M parameters")
+optimizer = common.configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+train_model = torch.compile(model) if compile else model
+if rt.ddp:
+    train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+order = BatchOrder(len(train_data), seed)
+
+
+def make_batch(indices):
+    idx, targets, mask = collate([train_data[i] for i in indices], tok.pad_id)
+    return {"idx": idx.to(rt.device), "targets": targets.to(rt.device), "mask": mask.to(rt.device),
+            "n_tokens": int(sum(len(train_data[i][0]) + len(train_data[i][1]) - 1 for i in indices))}
+
+
+def compute_loss(batch):
+    """Mean negative log-likelihood per response token (prompt and padding are masked out)."""
+    logits, _ = train_model(batch["idx"])  # through the DDP / compile wrapper, so gradients sync
+    logps, n_tokens = sequence_logprobs(logprobs_from_logits(logits, batch["targets"]), batch["mask"])
+    return sft_loss(logps, n_tokens), {}  # a fully masked batch gives 0, not 0/0
+
+
+def evaluate():
+    return {"task_accuracy": common.evaluate_task(model, task, tok, rt)}
+
+
+def save(iter_num, results):
+    if rt.master:
+        path = os.path.join(out_dir, "ckpt.pt")
+        common.save_checkpoint(path, model, config, tokenizer, iter_num=iter_num, **results)
+        print(f"saved {path}")
+
+
+logger = common.MetricLogger(out_dir, rt)
+results = common.train_loop(rt, train_model, optimizer, config, order, make_batch, compute_loss, evaluate, save,
+                            logger, describe=lambda r: "")
+if rt.master:
+    print(f"SFT done: held-out task_accuracy {results['task_accuracy']:.1%} in {time.time() - t_start:.0f} s "
+          f"-> {os.path.join(out_dir, 'ckpt.pt')}")
+common.cleanup(rt)
