@@ -94,6 +94,29 @@ def cleanup(rt):
         dist.destroy_process_group()
 
 
+def prepare_for_training(model, rt, compile_model):
+    """torch.compile (optional) and DDP-wrap the model being trained; returns the module to call in training.
+    The plain `model` stays usable for evaluation, generation and saving (they share parameters)."""
+    train_model = torch.compile(model, dynamic=False) if compile_model else model
+    if rt.ddp:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+    return train_model
+
+
+def padded_length(T, block_size, compile_model, multiple=16):
+    """With torch.compile, pad every batch up to a multiple of 16 tokens (at most block_size) so a handful of
+    shapes are compiled once each instead of one graph per new batch length. Without it, no padding."""
+    if not compile_model:
+        return T
+    return min(block_size, -(-T // multiple) * multiple)
+
+
+def grad_scaler(rt):
+    """fp16 autocast needs loss scaling to keep small gradients from flushing to zero; bf16 and fp32 do not."""
+    return torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Optimisation
 
@@ -205,15 +228,26 @@ def model_from_checkpoint(ckpt, path="checkpoint", **overrides):
 
 class MetricLogger:
     """Appends one JSON object per logged step to out_dir/metrics.jsonl (rank 0 only). A fresh run starts a
-    fresh file; the schema is in the README."""
+    fresh file; a resumed run keeps the records from before its checkpoint (iter < start_iter) and drops any
+    logged after it, so the file reads as one uninterrupted run. The schema is in the README."""
 
-    def __init__(self, out_dir, rt, append=False):
+    def __init__(self, out_dir, rt, start_iter=0):
         self.rt = rt
         self.path = os.path.join(out_dir, "metrics.jsonl")
         if rt.master:
             os.makedirs(out_dir, exist_ok=True)
-            if not append:
-                open(self.path, "w").close()
+            kept = []
+            if start_iter > 0 and os.path.exists(self.path):
+                with open(self.path) as f:
+                    for line in f:
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError:
+                            continue  # a line cut short by a kill
+                        if record.get("iter", 0) < start_iter:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+            with open(self.path, "w") as f:
+                f.writelines(kept)
 
     def log(self, record):
         if self.rt.master:
@@ -242,36 +276,117 @@ def evaluate_task(model, task, tok, rt, max_new_tokens=8, batch_size=500):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# Training state: what a checkpoint needs beyond the weights to continue a run exactly
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _numpy_state():
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _python_state():
+    version, internal, gauss = random.getstate()
+    return {"version": version, "internal": list(internal), "gauss": gauss}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def resume_state(ckpt, model, optimizer, order, scaler=None, path="checkpoint"):
+    """Load a training checkpoint's weights, optimizer, data position and RNG into a freshly built run;
+    returns the iteration to continue from. Call it last, just before train_loop, so nothing set up after it
+    draws from the restored RNGs."""
+    for key in ("optimizer", "iter_num", "data_order", "rng"):
+        if key not in ckpt:
+            raise UserError(f"{path} cannot be resumed: it has no '{key}' (was it written by an older version?)")
+    load_state_strict(unwrap(model), ckpt["model"], path)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    order.load_state_dict(ckpt["data_order"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["iter_num"]
+
+
+def save_training_checkpoint(cfg, iter_num, model, optimizer, order, scaler, tokenizer, results, extra):
+    """out_dir/ckpt.pt always holds the newest checkpoint; with keep_last > 1 the newest K are also kept as
+    ckpt_<iter>.pt (hard links, so no second copy is written)."""
+    out_dir = cfg["out_dir"]
+    path = os.path.join(out_dir, "ckpt.pt")
+    state = dict(iter_num=iter_num, optimizer=optimizer.state_dict(), data_order=order.state_dict(),
+                 rng=rng_state(), scaler=scaler.state_dict() if scaler.is_enabled() else None, **results, **extra)
+    save_checkpoint(path, model, cfg, tokenizer, **state)
+    keep = cfg.get("keep_last", 1)
+    if keep > 1:
+        numbered = os.path.join(out_dir, f"ckpt_{iter_num:07d}.pt")
+        if os.path.exists(numbered):
+            os.remove(numbered)
+        os.link(path, numbered)
+        old = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
+        for f in old[:-keep]:
+            os.remove(os.path.join(out_dir, f))
+
+
+# -----------------------------------------------------------------------------------------------------------
 # The training loop
 
-def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evaluate, save, logger, describe):
-    """Run cfg['max_iters'] optimizer steps.
+def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evaluate, describe, tokenizer,
+               start_iter=0, scaler=None, ckpt_extra=None):
+    """Run optimizer steps start_iter .. cfg['max_iters']-1, then write the final checkpoint.
     Each step takes batch_size * gradient_accumulation_steps row indices from `order` (a data.BatchOrder, the
     same on every rank) and cuts them into micro-batches of batch_size; rank r runs its own contiguous share, so
     the global batch is the same whatever the world size.
     make_batch(indices) -> batch (whatever compute_loss takes, with an int 'n_tokens');
     compute_loss(batch) -> (loss, {metric name: scalar tensor}); evaluate() -> {name: float};
-    save(iter_num, results) writes a checkpoint with the last evaluation's results; describe(metrics) -> the script's part of the stdout line.
-    Evaluates at iter 0, every eval_interval and after the last step. Logged metrics are means over every
-    micro-batch of the step on every rank, so they do not depend on how the step is split.
-    Returns the last evaluation's results."""
-    gas = cfg["gradient_accumulation_steps"]
+    describe(record) -> the script's part of the stdout line.
+    Evaluates at iter 0, every eval_interval and after the last step; checkpoints every checkpoint_interval
+    iters (and at every eval with always_save_checkpoint) and at the end. Logged metrics are means over every
+    micro-batch of the step on every rank, so they do not depend on how the step is split. A step whose loss
+    or gradient norm is not finite is skipped on every rank (the decision is taken on all-reduced values),
+    counted, and max_nonfinite of them in a row stop the run. Returns the last evaluation's results."""
+    gas, B, max_iters = cfg["gradient_accumulation_steps"], cfg["batch_size"], cfg["max_iters"]
     if gas % rt.world_size != 0:
         raise UserError(f"gradient_accumulation_steps={gas} is not divisible by the world size {rt.world_size}")
     local_steps = gas // rt.world_size
-    max_iters = cfg["max_iters"]
     lr_decay_iters = cfg.get("lr_decay_iters") or max_iters
-    B = cfg["batch_size"]
-    results, t0, tokens, iters_timed, nonfinite_run = {}, time.time(), 0, 0, 0
-    for iter_num in range(max_iters + 1):
-        if iter_num % cfg["eval_interval"] == 0 or iter_num == max_iters:
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
+    logger = MetricLogger(cfg["out_dir"], rt, start_iter)
+    results, t0, tokens, iters_timed, nonfinite_run, nonfinite_total = {}, time.time(), 0, 0, 0, 0
+
+    def checkpoint(iter_num):
+        if rt.master:
+            save_training_checkpoint(cfg, iter_num, model, optimizer, order, scaler, tokenizer, results,
+                                     dict(ckpt_extra or {}, nonfinite_skipped=nonfinite_total))
+
+    for iter_num in range(start_iter, max_iters + 1):
+        is_eval = iter_num % cfg["eval_interval"] == 0 or iter_num == max_iters
+        if is_eval:
             results = evaluate()
             logger.log({"iter": iter_num, **results})
             if rt.master:
                 print(f"eval iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-            t0, tokens, iters_timed = time.time(), 0, 0  # keep eval time out of ms/iter
         if iter_num == max_iters:
             break
+        interval = cfg.get("checkpoint_interval", 0)
+        if iter_num > start_iter and ((interval and iter_num % interval == 0)
+                                      or (is_eval and cfg.get("always_save_checkpoint"))):
+            checkpoint(iter_num)
+        if is_eval:
+            t0, tokens, iters_timed = time.time(), 0, 0  # keep eval and checkpoint time out of ms/iter
         lr = get_lr(iter_num, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], lr_decay_iters,
                     cfg["decay_lr"])
         for group in optimizer.param_groups:
@@ -285,34 +400,45 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
                 model.require_backward_grad_sync = micro_step == local_steps - 1
             with rt.autocast():
                 loss, metrics = compute_loss(batch)
-            (loss / local_steps).backward()
+            scaler.scale(loss / local_steps).backward()
             values = torch.stack([loss.detach().float()] + [v.float() for v in metrics.values()])
             sums = values if sums is None else sums + values
             tokens += batch["n_tokens"]
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or float("inf"))
-        if torch.isfinite(grad_norm):  # identical on every rank: the gradients were all-reduced
-            optimizer.step()
+        # one decision for every rank: losses are all-reduced here, gradients already were by DDP
+        loss_sum = all_reduce_sum(sums[:1].clone(), rt)
+        finite = bool(torch.isfinite(loss_sum).all() and (scaler.is_enabled() or torch.isfinite(grad_norm)))
+        if finite:
+            scaler.step(optimizer)  # with fp16, GradScaler itself skips steps whose gradients overflowed
             nonfinite_run = 0
         else:
             nonfinite_run += 1
+            nonfinite_total += 1
             if rt.master:
-                print(f"iter {iter_num}: non-finite loss or gradient, update skipped")
+                print(f"iter {iter_num}: non-finite loss or gradient norm, update skipped ({nonfinite_total} so far)")
             if nonfinite_run >= cfg.get("max_nonfinite", 5):
                 raise UserError(f"{nonfinite_run} non-finite steps in a row at iter {iter_num}: stopping "
-                                "(lower learning_rate, or check the data)")
+                                "(lower learning_rate, or check the data); the last checkpoint is intact")
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iters_timed += 1
         if iter_num % cfg["log_interval"] == 0 or iter_num == max_iters - 1:
-            sums = all_reduce_sum(sums, rt) / (local_steps * rt.world_size)
-            vals = sums.tolist()
+            # metric means over every micro-batch on every rank, and the step's tokens over all ranks
+            totals = all_reduce_sum(torch.cat([sums / (local_steps * rt.world_size),
+                                               torch.tensor([float(tokens)], device=sums.device)]), rt)
+            vals, tokens = totals[:-1].tolist(), totals[-1].item()
             record = {"iter": iter_num, "loss": vals[0], **dict(zip(metrics.keys(), vals[1:])),
                       "grad_norm": grad_norm.item(), "lr": lr}
+            if nonfinite_total:
+                record["nonfinite_skipped"] = nonfinite_total
             logger.log(record)
             dt = time.time() - t0
-            tok_s = tokens * rt.world_size / max(dt, 1e-9)
             if rt.master:
                 print(f"iter {iter_num}: loss {vals[0]:.4f}{describe(record)}, lr {lr:.2e}, "
-                      f"{dt * 1000 / iters_timed:.1f} ms/iter, {tok_s:,.0f} tok/s")
+                      f"{dt * 1000 / iters_timed:.1f} ms/iter, {tokens / max(dt, 1e-9):,.0f} tok/s")
             t0, tokens, iters_timed = time.time(), 0, 0
-    save(max_iters, results)
+    checkpoint(max_iters)
+    if rt.master and nonfinite_total:
+        print(f"{nonfinite_total} update(s) skipped for non-finite values")
     return results

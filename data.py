@@ -127,18 +127,22 @@ class AdditionTask:
         """Preference pairs for `n_prompts` training problems: chosen = the verified correct answer; rejected =
         the model's own greedy answer when it is wrong (an on-policy negative), else the first wrong one of
         `n_samples` samples at `temperature`, else a one-digit corruption of the correct answer.
-        generate_fn(prompts, temperature) -> completions (strings). Returns (rows, counts by source)."""
+        generate_fn(prompts, temperature) -> completions (strings). Without a model to sample
+        (generate_fn=None, one-stage ORPO from scratch) the rejected answer is the demonstrations' slip where it is
+        wrong, else a corruption. Returns (rows, counts by source)."""
         rng = random.Random(seed)
         problems = rng.sample(self.train_problems, min(n_prompts, len(self.train_problems)))
         prompts = [self.prompt(a, b) for a, b in problems]
-        greedy = generate_fn(prompts, 0.0)
-        samples = [generate_fn(prompts, temperature) for _ in range(n_samples)]
-        rows, counts = [], {"greedy": 0, "sampled": 0, "corruption": 0}
+        if generate_fn is not None:
+            outputs = [("greedy", generate_fn(prompts, 0.0))]
+            outputs += [("sampled", generate_fn(prompts, temperature)) for _ in range(n_samples)]
+        else:
+            outputs = [("slip", [self.no_carry_answer(a, b) for a, b in problems])]
+        rows, counts = [], {"greedy": 0, "sampled": 0, "slip": 0, "corruption": 0}
         for i, (prompt, (a, b)) in enumerate(zip(prompts, problems)):
             chosen = self.answer(a, b)
-            candidates = [("greedy", greedy[i])] + [("sampled", s[i]) for s in samples]
-            source, rejected = next(((src, c.strip()) for src, c in candidates
-                                     if c.strip() and c.strip() != chosen), ("corruption", None))
+            source, rejected = next(((src, out[i].strip()) for src, out in outputs
+                                     if out[i].strip() and out[i].strip() != chosen), ("corruption", None))
             if rejected is None:
                 rejected = self.corrupt(chosen, rng)
             counts[source] += 1
@@ -155,7 +159,8 @@ def truncate(prompt_ids, responses, max_len, max_prompt_len):
     its answer), then cut the responses' tails. Returns (prompt_ids, [response_ids, ...]), or None when the prompt
     or a response would be left empty."""
     if len(prompt_ids) + max(len(r) for r in responses) > max_len:
-        prompt_ids = prompt_ids[-max_prompt_len:]
+        # at most max_len - 1 prompt tokens, so every response keeps at least one token
+        prompt_ids = prompt_ids[-min(max_prompt_len, max_len - 1):]
         responses = [r[:max_len - len(prompt_ids)] for r in responses]
     if len(prompt_ids) == 0 or min(len(r) for r in responses) == 0:
         return None
@@ -293,3 +298,387 @@ class BatchOrder:
     def load_state_dict(self, state):
         self.epoch, self.pos = state["epoch"], state["pos"]
         self._perm = self._permutation()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Prefix sharing
+#
+# Chosen and rejected share their prompt. The concatenated forward runs it twice (rows [prompt|chosen] and
+# [prompt|rejected]); prefix sharing packs each pair into ONE row [prompt | chosen | rejected] and uses an
+# attention mask and position ids that make every token see exactly what it sees in its plain row. The
+# log-probs are the same (up to float rounding); the prompt's compute is paid once.
+
+_PROMPT, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3  # segment ids of the packed row's columns
+
+
+def collate_prefix_shared(pairs, pad_id, length=None):
+    """Preference pairs [(prompt, chosen, rejected)] -> one packed, right-padded row per pair (a dict of tensors).
+
+    Layout, for prompt p0 p1 p2, chosen c0 c1 E, rejected r0 E (E = EOS; P=3, C=3, R=2, one pad column):
+
+        column         0   1   2   3   4   5   6
+        idx            p0  p1  p2  c0  c1  r0  pad
+        pos            0   1   2   3   4   3   0     rejected positions restart at P, as in its plain row
+        targets        p1  p2  c0  c1  E   E   pad
+        chosen_mask    0   0   1   1   1   0   0     c0, c1, E
+        rejected_mask  0   0   0   0   0   1   0     E; r0 comes from first_index/first_target (below)
+
+    A response's last token (E) is only ever a target, never an input, so a row holds P + C + R - 2 columns.
+    r0 has no column of its own: in the plain rejected row it is predicted by the last prompt token, and here
+    the column before r0 is c1 (the chosen branch). But the last prompt column (P-1) attends to the prompt only,
+    so its logits are the same for both branches: it predicts c0 (targets) AND r0 (first_target). A second
+    gather at first_index = P-1 reads r0's log-prob; prefix_shared_logps does both.
+
+    attn_mask[b, 0, query, key], True = may attend (x):
+
+                   p0  p1  p2  c0  c1  r0  pad
+            p0     x
+            p1     x   x
+            p2     x   x   x
+            c0     x   x   x   x
+            c1     x   x   x   x   x
+            r0     x   x   x           x         the rejected branch never sees the chosen tokens
+            pad                            x     padding sees only itself: no empty softmax row (NaN)
+
+    Returns idx, targets, pos (B, T) long; attn_mask (B, 1, T, T) bool; chosen_mask, rejected_mask (B, T) float;
+    first_index, first_target (B,) long. T = longest packed row, or `length`."""
+    T = length or max(len(p) + len(c) + len(r) - 2 for p, c, r in pairs)
+    B = len(pairs)
+    idx = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), pad_id, dtype=torch.long)
+    pos = torch.zeros((B, T), dtype=torch.long)
+    segment = torch.full((B, T), _PAD, dtype=torch.long)
+    chosen_mask = torch.zeros((B, T))
+    rejected_mask = torch.zeros((B, T))
+    first_index = torch.zeros(B, dtype=torch.long)
+    first_target = torch.zeros(B, dtype=torch.long)
+    for b, (p, c, r) in enumerate(pairs):
+        P, C, R = len(p), len(c), len(r)
+        if P == 0 or C == 0 or R == 0:
+            raise ValueError(f"collate_prefix_shared: pair {b} has an empty prompt or response")
+        n = P + C + R - 2
+        if n > T:
+            raise ValueError(f"collate_prefix_shared: pair {b} needs {n} columns, length is {T}")
+        idx[b, :n] = torch.tensor(p + c[:-1] + r[:-1], dtype=torch.long)
+        targets[b, :n] = torch.tensor(p[1:] + c + r[1:], dtype=torch.long)
+        pos[b, :P + C - 1] = torch.arange(P + C - 1)
+        pos[b, P + C - 1:n] = torch.arange(P, P + R - 1)
+        segment[b, :P], segment[b, P:P + C - 1], segment[b, P + C - 1:n] = _PROMPT, _CHOSEN, _REJECTED
+        chosen_mask[b, P - 1:P + C - 1] = 1.0   # column P-1 predicts c0, ..., column P+C-2 predicts E
+        rejected_mask[b, P + C - 1:n] = 1.0     # r1 .. E; r0 is the second gather
+        first_index[b], first_target[b] = P - 1, r[0]
+    q, k = segment[:, :, None], segment[:, None, :]  # (B, T, 1) query, (B, 1, T) key segments
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    attn_mask = causal & (q != _PAD) & (k != _PAD) & ~((q == _REJECTED) & (k == _CHOSEN))
+    attn_mask = attn_mask | torch.eye(T, dtype=torch.bool)  # real rows have their diagonal already; pads need it
+    return {"idx": idx, "targets": targets, "pos": pos, "attn_mask": attn_mask[:, None],
+            "chosen_mask": chosen_mask, "rejected_mask": rejected_mask,
+            "first_index": first_index, "first_target": first_target}
+
+
+def prefix_shared_logps(logits, batch):
+    """Logits (B, T, V) of a collate_prefix_shared batch -> (chosen_logps, rejected_logps, chosen_n, rejected_n),
+    each (B,) float32: summed response log-probs and token counts, as the concatenated forward gives them."""
+    from losses import sequence_logprobs  # imported here so data.py loads without the model code
+    from model import logprobs_from_logits
+    token_logps = logprobs_from_logits(logits, batch["targets"])  # (B, T) float32
+    chosen_logps, chosen_n = sequence_logprobs(token_logps, batch["chosen_mask"])
+    rejected_logps, rejected_n = sequence_logprobs(token_logps, batch["rejected_mask"])
+    # the first rejected token: a second gather from the last prompt column, whose logits both branches share
+    first_logits = logits[torch.arange(logits.size(0), device=logits.device), batch["first_index"]]  # (B, V)
+    first_logps = logprobs_from_logits(first_logits[:, None], batch["first_target"][:, None])[:, 0]  # (B,)
+    return chosen_logps, rejected_logps + first_logps, chosen_n, rejected_n + 1
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Real datasets
+#
+# load_rows() reads a Hugging Face hub dataset or a local .jsonl/.json/.parquet file and turns each row of a
+# published layout into the plain dicts the encoders above take: pairs {'prompt', 'chosen', 'rejected'},
+# sft {'prompt', 'response'} or kto {'prompt', 'completion', 'label'}. Conversations become text through ONE
+# chat template (render_chat), so SFT, preference training and sampling all see prompts written the same way.
+
+import re
+
+
+def render_chat(messages, add_generation_prompt=True):
+    """Render [{'role', 'content'}] messages as plain text, the one chat template of this code base:
+
+        <|system|>
+        You are terse.
+        <|user|>
+        What is 2+2?
+        <|assistant|>
+        4
+        <|user|>
+        And 3+3?
+        <|assistant|>
+
+    Each message is '<|role|>\\n' + content + '\\n'; with add_generation_prompt a final '<|assistant|>\\n' invites
+    the answer, which is trained as content + EOS. The markers are plain text, not special tokens, so the byte and
+    gpt2 tokenizers both encode them (as a few ordinary tokens). System messages with empty content are dropped."""
+    parts = [f"<|{m['role']}|>\n{m['content']}\n" for m in messages
+             if not (m["role"] == "system" and not m["content"].strip())]
+    if add_generation_prompt:
+        parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")  # 1,234 / -3 / 2.50; a sentence's final '.' is left out
+
+
+def _clean_number(s):
+    """'1,234' -> '1234', '18.00' -> '18': one spelling per value, so answers compare as strings."""
+    s = s.replace(",", "")
+    if "." in s and set(s.split(".")[1]) <= {"0"}:
+        s = s.split(".")[0]
+    return s
+
+
+def gsm8k_answer(text):
+    """The final answer of a GSM8K solution ('... #### 1,234' -> '1234'), or None when there is no '#### N'."""
+    if "####" not in text:
+        return None
+    m = _NUMBER.search(text.split("####")[-1])
+    return _clean_number(m.group()) if m else None
+
+
+def extract_final_number(completion):
+    """The number a completion answers with, for grading: the one after '####' when there is one, else the last
+    number in the text; None when it has no number."""
+    answer = gsm8k_answer(completion)
+    if answer is not None:
+        return answer
+    numbers = _NUMBER.findall(completion)
+    return _clean_number(numbers[-1]) if numbers else None
+
+
+class _BadRow(Exception):
+    """One row does not fit its format; the message names the key (load_rows adds the file and row)."""
+
+
+def _get(row, key):
+    if row.get(key) is None:  # a key absent from some rows of a file is read as None by `datasets`
+        raise _BadRow(f"key '{key}' missing")
+    return row[key]
+
+
+def _text(row, key):
+    value = _get(row, key)
+    if not isinstance(value, str):
+        raise _BadRow(f"key '{key}' should be a string, found {type(value).__name__}")
+    return value
+
+
+def _response(text, key):
+    if not text.strip():
+        raise _BadRow(f"key '{key}' is an empty response")
+    return text
+
+
+def _messages(row, key):
+    value = _get(row, key)
+    if not isinstance(value, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        raise _BadRow(f"key '{key}' should be a list of {{'role', 'content'}} string messages")
+    return [{"role": m["role"], "content": m["content"]} for m in value]  # drop extra fields
+
+
+def _split_answer(messages, key):
+    """A conversation ending in the assistant's answer -> (earlier messages, answer text)."""
+    if not messages or messages[-1]["role"] != "assistant":
+        raise _BadRow(f"key '{key}' does not end with an assistant message")
+    return messages[:-1], _response(messages[-1]["content"], key)
+
+
+def _prompt_and_answer(row, prompt_key, answer_key):
+    """prompt + answer, standard (two strings, used verbatim) or conversational (message lists, rendered)."""
+    if isinstance(row.get(prompt_key), list):
+        prompt = _messages(row, prompt_key)
+        before, answer = _split_answer(_messages(row, answer_key), answer_key)
+        return render_chat(prompt + before), answer
+    return _text(row, prompt_key), _response(_text(row, answer_key), answer_key)
+
+
+def _pair_from_conversations(prompt, chosen, rejected):
+    """prompt messages + chosen/rejected conversations that end in the answer -> a pair of strings."""
+    chosen_before, chosen_answer = _split_answer(chosen, "chosen")
+    rejected_before, rejected_answer = _split_answer(rejected, "rejected")
+    if chosen_before != rejected_before:
+        raise _BadRow("key 'rejected' differs from 'chosen' before the last message")
+    return {"prompt": render_chat(prompt + chosen_before), "chosen": chosen_answer, "rejected": rejected_answer}
+
+
+def _row_trl(row):
+    # {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}
+    return {"prompt": _text(row, "prompt"), "chosen": _response(_text(row, "chosen"), "chosen"),
+            "rejected": _response(_text(row, "rejected"), "rejected")}
+
+
+def _row_trl_conversational(row):
+    # {"prompt": [{"role": "user", ...}], "chosen": [{"role": "assistant", ...}], "rejected": [...]}
+    return _pair_from_conversations(_messages(row, "prompt"), _messages(row, "chosen"), _messages(row, "rejected"))
+
+
+_HH_ASSISTANT = "\n\nAssistant:"
+
+
+def _row_hh(row):
+    # Anthropic HH-RLHF: two whole transcripts "\n\nHuman: ...\n\nAssistant: ..." that differ in the last answer.
+    # The prompt is their common start, cut just after its last "\n\nAssistant:" (the two answers may begin with
+    # the same words, which must stay in the answers).
+    chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(_HH_ASSISTANT, 0, n)  # the last marker lying wholly inside the common start
+    if cut < 0:
+        raise _BadRow("keys 'chosen' and 'rejected' share no '\\n\\nAssistant:' turn")
+    cut += len(_HH_ASSISTANT)
+    return {"prompt": chosen[:cut], "chosen": _response(chosen[cut:], "chosen"),
+            "rejected": _response(rejected[cut:], "rejected")}
+
+
+def _row_ultrafeedback(row):
+    # HuggingFaceH4/ultrafeedback_binarized: "prompt" a string, "chosen"/"rejected" whole conversations
+    # [user, assistant] (plus score_chosen / score_rejected). The conversation before the answer is the prompt;
+    # if a conversation holds only the answer, the prompt string becomes the user turn.
+    chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
+    prompt = [] if len(chosen) > 1 else [{"role": "user", "content": _text(row, "prompt")}]
+    return _pair_from_conversations(prompt, chosen, rejected)
+
+
+def _row_kto(row):
+    # {"prompt": ..., "completion": ..., "label": true}: one answer, labelled desirable or not
+    prompt, completion = _prompt_and_answer(row, "prompt", "completion")
+    label = _get(row, "label")
+    if not isinstance(label, bool):
+        raise _BadRow(f"key 'label' should be a bool, found {type(label).__name__}")
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
+def _row_prompt_completion(row):
+    prompt, response = _prompt_and_answer(row, "prompt", "completion")
+    return {"prompt": prompt, "response": response}
+
+
+def _row_messages(row):
+    # {"messages": [...]}: the last assistant message is the response, everything before it the prompt
+    messages = _messages(row, "messages")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise _BadRow("key 'messages' has no assistant message")
+    return {"prompt": render_chat(messages[:last]), "response": _response(messages[last]["content"], "messages")}
+
+
+def _row_gsm8k(row):
+    # {"question": ..., "answer": "<worked solution>\n#### 72"}: the question as a user turn, the solution as the
+    # response (gsm8k_answer reads its final number back)
+    question, answer = _text(row, "question"), _response(_text(row, "answer"), "answer")
+    if gsm8k_answer(answer) is None:
+        raise _BadRow("key 'answer' has no final '#### N' answer")
+    return {"prompt": render_chat([{"role": "user", "content": question}]), "response": answer}
+
+
+# format name -> (what kind of rows it holds, row reader)
+DATASET_FORMATS = {
+    "trl": ("pairs", _row_trl),
+    "trl_conversational": ("pairs", _row_trl_conversational),
+    "hh": ("pairs", _row_hh),
+    "ultrafeedback": ("pairs", _row_ultrafeedback),
+    "kto": ("kto", _row_kto),
+    "prompt_completion": ("sft", _row_prompt_completion),
+    "messages": ("sft", _row_messages),
+    "gsm8k": ("sft", _row_gsm8k),
+}
+
+
+def detect_format(column_names, first_row=None):
+    """The format a dataset's columns announce. Standard and conversational TRL pairs have the same columns;
+    `first_row` (when given) tells them apart by whether its prompt is a list of messages."""
+    cols = set(column_names)
+    if {"prompt", "completion", "label"} <= cols:
+        return "kto"
+    if {"chosen", "rejected"} <= cols:
+        if "score_chosen" in cols or (first_row is not None and "prompt" not in cols
+                                      and isinstance(first_row.get("chosen"), list)):
+            return "ultrafeedback"  # whole conversations in chosen/rejected
+        if "prompt" not in cols:
+            return "hh"
+        conversational = first_row is not None and isinstance(first_row.get("prompt"), list)
+        return "trl_conversational" if conversational else "trl"
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    if "messages" in cols:
+        return "messages"
+    if {"question", "answer"} <= cols:
+        return "gsm8k"
+    raise UserError(f"cannot tell the dataset format from its columns {sorted(cols)}: expected e.g. prompt/chosen/"
+                    f"rejected, chosen/rejected, prompt/completion[/label], messages or question/answer; "
+                    f"name one with dataset_format= ({', '.join(DATASET_FORMATS)})")
+
+
+_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def _load_dataset(path_or_name, split):
+    """A local file (its one split is 'train'), a local folder, or a hub name ('owner/name' or
+    'owner/name:config') -> a `datasets.Dataset`."""
+    import datasets  # imported here: the embedded task never needs it, and it takes a second to import
+    ext = os.path.splitext(path_or_name)[1].lower()
+    try:
+        if os.path.isfile(path_or_name) or ext in _LOCAL_BUILDERS:
+            if not os.path.isfile(path_or_name):
+                raise UserError(f"data file {path_or_name} does not exist")
+            if ext not in _LOCAL_BUILDERS:
+                raise UserError(f"data file {path_or_name}: expected a .jsonl, .json or .parquet file")
+            if split != "train":
+                raise UserError(f"data file {path_or_name} has a single split 'train', not '{split}': "
+                                "give held-out rows as a file of their own")
+            return datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files=path_or_name, split="train")
+        if os.path.isdir(path_or_name):
+            return datasets.load_dataset(path_or_name, split=split)
+        name, _, config = path_or_name.partition(":")
+        return datasets.load_dataset(name, config or None, split=split)
+    except UserError:
+        raise
+    except Exception as e:  # network, missing split or config, unreadable file: one line, not a traceback
+        cause = e.__cause__ or e
+        detail = (str(cause).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"could not load dataset {path_or_name} (split '{split}'): "
+                        f"{type(cause).__name__}: {detail}") from None
+
+
+def load_rows(path_or_name, split="train", kind="pairs", dataset_format=None, skip_bad_rows=False):
+    """Load a dataset as rows of one kind: 'pairs' {'prompt', 'chosen', 'rejected'}, 'sft' {'prompt', 'response'}
+    or 'kto' {'prompt', 'completion', 'label'}, all strings but the bool label. The format comes from the columns
+    (detect_format) unless named. A pairs dataset also loads as 'sft' (the chosen answer is the response) and as
+    'kto' (chosen -> label True, rejected -> label False). A row that does not fit its format is a UserError naming
+    file, row (0-based) and key, or with skip_bad_rows a skip counted by reason. Returns (rows, SkipCounter)."""
+    if kind not in ("pairs", "sft", "kto"):
+        raise UserError(f"unknown kind '{kind}': expected 'pairs', 'sft' or 'kto'")
+    ds = _load_dataset(path_or_name, split)
+    fmt = dataset_format or detect_format(ds.column_names, ds[0] if len(ds) else None)
+    if fmt not in DATASET_FORMATS:
+        raise UserError(f"unknown dataset_format '{fmt}': expected one of {', '.join(DATASET_FORMATS)}")
+    holds, read_row = DATASET_FORMATS[fmt]
+    if holds != kind and holds != "pairs":
+        raise UserError(f"{path_or_name} holds '{fmt}' rows ({holds}), which cannot be used as {kind} data")
+    rows, skipped = [], SkipCounter()
+    for i, row in enumerate(ds):
+        try:
+            r = read_row(row)
+        except _BadRow as e:
+            if not skip_bad_rows:
+                raise UserError(f"{path_or_name}, row {i}: {e}") from None
+            skipped.add(str(e))
+            continue
+        if holds == kind:
+            rows.append(r)
+        elif kind == "sft":
+            rows.append({"prompt": r["prompt"], "response": r["chosen"]})
+        else:  # pairs as unpaired kto rows
+            rows.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+            rows.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+    return rows, skipped

@@ -5,11 +5,13 @@ policy with the loss chosen by --loss_type.
 
 $ python dpo.py                                   # DPO on the embedded task, from out/sft/ckpt.pt
 $ python dpo.py --beta=0.5 --out_dir=out/dpo_b05  # any setting below can be overridden
+$ python dpo.py config/simpo.py                   # another loss with its own recipe (see config/)
 $ python dpo.py --loss_type=sft                   # baseline: continued SFT on the chosen answers only
 $ torchrun --standalone --nproc_per_node=2 dpo.py # DDP; the global batch stays the same
 """
 
 import copy
+import json
 import os
 import time
 
@@ -17,13 +19,15 @@ import torch
 
 import common
 from configurator import apply_overrides
-from data import BatchOrder, AdditionTask, Tokenizer, UserError, collate_pairs, encode_pair_rows
-from losses import dpo_loss, sequence_logprobs, sft_loss
-from model import logprobs_from_logits
+from data import AdditionTask, BatchOrder, Tokenizer, UserError, collate, collate_pairs, encode_pair_rows
+from losses import (average_logprobs, dpo_loss, hinge_loss, ipo_loss, kto_loss, kto_mismatched_indices,
+                    orpo_loss, sequence_logprobs, sft_loss, simpo_loss)
+from model import GPT, GPTConfig, logprobs_from_logits
 
 # -----------------------------------------------------------------------------------------------------------
-# default config: the embedded task's recipe, well under a minute on a 2-core CPU
+# default config: DPO on the embedded task, well under a minute on a 2-core CPU
 out_dir = "out/dpo"
+init_from = "sft"         # 'sft' (sft_ckpt), 'resume' (out_dir/ckpt.pt), or 'scratch' (reference-free losses only)
 sft_ckpt = "out/sft/ckpt.pt"
 seed = 1
 device = "auto"
@@ -31,16 +35,35 @@ dtype = "auto"
 compile = False
 eval_interval = 50
 log_interval = 10
+checkpoint_interval = 0
+always_save_checkpoint = False
+keep_last = 1
 # the objective
-loss_type = "dpo"         # 'dpo', or 'sft' (NLL of the chosen answers: the continued-SFT baseline)
-beta = 0.1                # DPO's KL strength: larger = stay closer to the reference
-label_smoothing = 0.0     # > 0: conservative DPO (the assumed probability that a label is flipped)
+loss_type = "dpo"         # dpo | ipo | hinge | simpo | orpo | kto | sft (see losses.py and the README)
+beta = 0.1                # dpo/ipo/hinge/kto: KL strength (larger = closer to the reference); simpo: reward
+                          # scale; orpo: lambda, the weight of the odds-ratio term (as in TRL)
+label_smoothing = 0.0     # dpo: > 0 gives conservative DPO (assumed probability that a label is flipped)
+simpo_gamma = 0.5         # simpo: target reward margin
+desirable_weight = 1.0    # kto: weights of desirable / undesirable examples
+undesirable_weight = 1.0
+reference_free = False    # dpo/ipo/hinge against a uniform reference (reference log-probs 0): no reference model
+rpo_alpha = 0.0           # > 0: add rpo_alpha * NLL of the chosen response to a pairwise loss (RPO)
+precompute_ref = False    # one no-grad pass computes the reference log-probs, then the reference is freed
 # preference pairs from the embedded task (task settings come from the SFT checkpoint's config)
 n_pairs = 2000            # training prompts that get a pair
 n_samples = 2             # samples per prompt (temperature below) looked at when the greedy answer is right
 sample_temperature = 1.0
+# model and task, used only with init_from='scratch' (otherwise they come from the SFT checkpoint)
+tokenizer = "byte"
+n_digits = 2
+n_eval = 1000
+task_seed = 1234
+n_layer = 4
+n_head = 4
+n_embd = 128
+block_size = 32
 # optimisation
-batch_size = 64           # pairs per micro-batch
+batch_size = 64           # pairs per micro-batch (kto: examples)
 gradient_accumulation_steps = 1
 max_iters = 100
 learning_rate = 5e-5
@@ -56,29 +79,52 @@ max_nonfinite = 5
 # -----------------------------------------------------------------------------------------------------------
 config = apply_overrides(globals())
 # -----------------------------------------------------------------------------------------------------------
-LOSS_TYPES = ("dpo", "sft")
+LOSS_TYPES = ("dpo", "ipo", "hinge", "simpo", "orpo", "kto", "sft")
 if loss_type not in LOSS_TYPES:
     raise UserError(f"unknown loss_type '{loss_type}': expected one of {', '.join(LOSS_TYPES)}")
+if init_from not in ("sft", "resume", "scratch"):
+    raise UserError(f"unknown init_from '{init_from}': expected 'sft', 'resume' or 'scratch'")
+# simpo, orpo and sft never look at a reference; dpo/ipo/hinge skip it with --reference_free
+needs_reference = loss_type in ("dpo", "ipo", "hinge", "kto") and not (reference_free and loss_type != "kto")
+if reference_free and loss_type not in ("dpo", "ipo", "hinge"):
+    raise UserError(f"reference_free applies to dpo, ipo and hinge, not '{loss_type}'")
+if init_from == "scratch" and needs_reference:
+    raise UserError(f"init_from='scratch' leaves no reference model for '{loss_type}': use orpo, simpo, sft or "
+                    "--reference_free=True")
+if precompute_ref and loss_type == "kto":
+    raise UserError("precompute_ref is not available for kto: its KL term pairs completions across each batch")
+if loss_type == "kto" and batch_size < 2:
+    raise UserError("kto needs batch_size >= 2: its KL estimate pairs each prompt with another row's completion")
 
 t_start = time.time()
 rt = common.setup_runtime(device, dtype, seed)
-ckpt = common.load_checkpoint(sft_ckpt)
-sft_config = ckpt["config"]
-tok = Tokenizer(ckpt["tokenizer"])
 
-# the policy starts as the SFT model; dropout off, so log-probs are deterministic and the reference matches it
-policy = common.model_from_checkpoint(ckpt, sft_ckpt, dropout=0.0).to(rt.device)
-needs_reference = loss_type == "dpo"
+# 1. the models: policy = the SFT model (or a fresh one), reference = a frozen copy of it
+if init_from == "scratch":
+    tok = Tokenizer(tokenizer)
+    policy = GPT(GPTConfig(block_size=block_size, vocab_size=tok.n_vocab, n_layer=n_layer, n_head=n_head,
+                           n_embd=n_embd, dropout=0.0))
+    task = AdditionTask(n_digits, n_eval, task_seed)
+    start_accuracy = None
+else:
+    if init_from == "resume":  # the run's own checkpoint names the SFT checkpoint its reference came from
+        sft_ckpt = common.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["config"]["sft_ckpt"]
+    ckpt = common.load_checkpoint(sft_ckpt)
+    tok = Tokenizer(ckpt["tokenizer"])
+    # dropout off: log-probs must be deterministic, and the policy must equal the reference at step 0
+    policy = common.model_from_checkpoint(ckpt, sft_ckpt, dropout=0.0)
+    task = AdditionTask(ckpt["config"]["n_digits"], ckpt["config"]["n_eval"], ckpt["config"]["task_seed"])
+    start_accuracy = ckpt.get("task_accuracy")
+policy.to(rt.device)
 reference = None
 if needs_reference:
     reference = copy.deepcopy(policy)
     reference.eval()
     reference.requires_grad_(False)
 block_size = policy.config.block_size
-task = AdditionTask(sft_config["n_digits"], sft_config["n_eval"], sft_config["task_seed"])
 
 
-# pairs: the verified answer (chosen) over the SFT model's own mistake (rejected), where it makes one
+# 2. the pairs: the verified answer (chosen) over the SFT model's own mistake (rejected), where it makes one
 def generate_fn(prompts, temperature, _g=torch.Generator(device=rt.device).manual_seed(seed)):
     policy.eval()
     outs = []
@@ -90,51 +136,144 @@ def generate_fn(prompts, temperature, _g=torch.Generator(device=rt.device).manua
     return [tok.decode(o) for o in outs]
 
 
-rows, sources = task.build_pairs(generate_fn, n_pairs, n_samples, sample_temperature, seed)
+rows, sources = task.build_pairs(generate_fn if init_from != "scratch" else None, n_pairs, n_samples,
+                                 sample_temperature, seed)
 train_data, skipped = encode_pair_rows(rows, tok, block_size, source="embedded task pairs")
 if rt.master:
-    print(f"pairs: {len(train_data)} (rejected from: {sources['greedy']} greedy mistakes, {sources['sampled']} "
-          f"sampled mistakes, {sources['corruption']} corruptions), skipped: {skipped}")
-
-optimizer = common.configure_optimizer(policy, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
-train_model = torch.compile(policy) if compile else policy
-ref_model = torch.compile(reference) if compile and reference is not None else reference
-if rt.ddp:  # only the policy is wrapped: the reference has no gradients to sync
-    train_model = torch.nn.parallel.DistributedDataParallel(
-        train_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
-order = BatchOrder(len(train_data), seed)
-
-
-def make_batch(indices):
-    pairs = [train_data[i] for i in indices]
-    idx, targets, mask = collate_pairs(pairs, tok.pad_id)  # (2B, T): chosen rows, then rejected rows
-    n_tokens = sum(len(p) + len(c) - 1 + len(p) + len(r) - 1 for p, c, r in pairs)
-    return {"idx": idx.to(rt.device), "targets": targets.to(rt.device), "mask": mask.to(rt.device),
-            "n_tokens": n_tokens}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "pairs.jsonl"), "w") as f:  # to read what the model is taught
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"pairs: {len(train_data)}; rejected answers from: " + ", ".join(f"{n} {k}" for k, n in sources.items()
+                                                                          if n) + f"; skipped: {skipped}")
+if loss_type == "kto":
+    # KTO learns from unpaired examples: each pair gives a desirable (chosen) and an undesirable (rejected) one
+    train_data = [(p, c, True) for p, c, _ in train_data] + [(p, r, False) for p, _, r in train_data]
+    n_good = sum(label for _, _, label in train_data)
+    ratio = desirable_weight * n_good / max(undesirable_weight * (len(train_data) - n_good), 1e-9)
+    if rt.master and not 1.0 <= ratio <= 4 / 3:
+        print(f"warning: desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = {ratio:.2f}, "
+              "outside the KTO paper's recommended [1, 4/3]")
 
 
-def concatenated_logps(model, batch):
-    """One forward over chosen and rejected together -> summed log-probs and token counts, each split (B,)."""
-    logits, _ = model(batch["idx"])
-    logps, n_tokens = sequence_logprobs(logprobs_from_logits(logits, batch["targets"]), batch["mask"])
-    B = logps.size(0) // 2
+def concatenated_logps(model, pairs):
+    """One forward over chosen and rejected together (2B rows) -> summed log-probs and token counts, (B,) each."""
+    T = max(len(p) + max(len(c), len(r)) for p, c, r in pairs) - 1
+    idx, targets, mask = collate_pairs(pairs, tok.pad_id, common.padded_length(T, block_size, compile))
+    logits, _ = model(idx.to(rt.device))
+    logps, n_tokens = sequence_logprobs(logprobs_from_logits(logits, targets.to(rt.device)), mask.to(rt.device))
+    B = len(pairs)
     return logps[:B], logps[B:], n_tokens[:B], n_tokens[B:]
 
 
-def compute_loss(batch):
-    policy_chosen_logps, policy_rejected_logps, chosen_n, _ = concatenated_logps(train_model, batch)
-    metrics = {"logps/chosen": policy_chosen_logps.detach().mean(),
-               "logps/rejected": policy_rejected_logps.detach().mean()}
-    if loss_type == "sft":
-        return sft_loss(policy_chosen_logps, chosen_n), metrics
+def sequence_logps(model, seqs):
+    """Summed log-probs of [(prompt_ids, response_ids)] rows (KTO's unpaired examples), (B,)."""
+    T = max(len(p) + len(r) for p, r in seqs) - 1
+    idx, targets, mask = collate(seqs, tok.pad_id, common.padded_length(T, block_size, compile))
+    logits, _ = model(idx.to(rt.device))
+    return sequence_logprobs(logprobs_from_logits(logits, targets.to(rt.device)), mask.to(rt.device))[0]
+
+
+# 3. optionally: the reference's log-probs once, up front, then no reference model at all
+ref_logps = None
+if precompute_ref and reference is not None:
+    ref_logps = torch.zeros(len(train_data), 2)  # [:, 0] chosen, [:, 1] rejected
+    with torch.no_grad(), rt.autocast():
+        for i in range(0, len(train_data), batch_size):
+            rc, rr, _, _ = concatenated_logps(reference, train_data[i:i + batch_size])
+            ref_logps[i:i + batch_size] = torch.stack([rc, rr], dim=1).float().cpu()
+    reference = None  # freed: training now holds one model
+    if rt.master:
+        print(f"precomputed reference log-probs for {len(train_data)} pairs; reference model freed")
+
+optimizer = common.configure_optimizer(policy, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+train_model = common.prepare_for_training(policy, rt, compile)  # only the policy is DDP-wrapped
+ref_model = torch.compile(reference, dynamic=False) if compile and reference is not None else reference
+scaler = common.grad_scaler(rt)
+order = BatchOrder(len(train_data), seed)
+start_iter = 0
+if init_from == "resume":
+    path = os.path.join(out_dir, "ckpt.pt")
+    start_iter = common.resume_state(common.load_checkpoint(path, tok.name), policy, optimizer, order, scaler, path)
+    if rt.master:
+        print(f"resuming {path} from iter {start_iter}")
+if rt.master:
+    n_models = 1 + (reference is not None)
+    print(f"loss_type {loss_type}: {n_models} model(s) in memory, {len(train_data)} training rows")
+
+
+def make_batch(indices):
+    batch = {"rows": [train_data[i] for i in indices], "indices": indices}
+    batch["n_tokens"] = sum(len(row[0]) + len(row[1]) - 1 for row in batch["rows"])
+    if loss_type != "kto":
+        batch["n_tokens"] += sum(len(p) + len(r) - 1 for p, _, r in batch["rows"])
+    return batch
+
+
+def reward_metrics(chosen_rewards, rejected_rewards):
+    return {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean()}
+
+
+def kto_step(rows):
+    """KTO on a micro-batch of unpaired rows; the KL reference point uses mismatched (prompt, completion) pairs."""
+    seqs = [(p, y) for p, y, _ in rows]
+    shifted = kto_mismatched_indices(len(rows))
+    kl_seqs = [(seqs[i][0], seqs[j][1]) for i, j in enumerate(shifted)]
+    desirable = torch.tensor([label for _, _, label in rows], device=rt.device)
+    policy_logps = sequence_logps(train_model, seqs)
     with torch.no_grad():
-        ref_chosen_logps, ref_rejected_logps, _, _ = concatenated_logps(ref_model, batch)
-    loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen_logps, policy_rejected_logps,
-                                                      ref_chosen_logps, ref_rejected_logps, beta, label_smoothing)
-    metrics.update({"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
-                    "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-                    "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean()})
-    return loss, metrics
+        policy_kl_logps = sequence_logps(train_model, kl_seqs)
+        ref_all = sequence_logps(ref_model, seqs + kl_seqs)
+    ref_logps_, ref_kl_logps = ref_all[:len(rows)], ref_all[len(rows):]
+    kl_reduce = (lambda kl: common.all_reduce_sum(kl.clone(), rt) / rt.world_size) if rt.ddp else None
+    loss, rewards, kl = kto_loss(policy_logps, ref_logps_, desirable, policy_kl_logps, ref_kl_logps, beta,
+                                 desirable_weight, undesirable_weight, kl_reduce)
+    n_good, n_bad = desirable.sum().clamp(min=1), (~desirable).sum().clamp(min=1)
+    # per-group means within the micro-batch (a group absent from it counts as 0)
+    return loss, {"rewards/chosen": (rewards * desirable).sum() / n_good,
+                  "rewards/rejected": (rewards * ~desirable).sum() / n_bad,
+                  "logps/chosen": (policy_logps.detach() * desirable).sum() / n_good,
+                  "logps/rejected": (policy_logps.detach() * ~desirable).sum() / n_bad, "kl": kl}
+
+
+def compute_loss(batch):
+    rows = batch["rows"]
+    if loss_type == "kto":
+        return kto_step(rows)
+    pc, pr, nc, nr = concatenated_logps(train_model, rows)  # summed log-probs of chosen / rejected, (B,)
+    metrics = {"logps/chosen": pc.detach().mean(), "logps/rejected": pr.detach().mean()}
+    if ref_logps is not None:
+        ref = ref_logps[batch["indices"]].to(rt.device)
+        rc, rr = ref[:, 0], ref[:, 1]
+    elif reference is not None:
+        with torch.no_grad():
+            rc, rr, _, _ = concatenated_logps(ref_model, rows)
+    else:  # reference-free: a uniform reference, log-probs 0
+        rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
+    nll = sft_loss(pc, nc)
+    if loss_type == "sft":
+        return nll, {**metrics, "nll_loss": nll.detach()}
+    if loss_type == "dpo":
+        loss, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta, label_smoothing)
+    elif loss_type == "hinge":
+        loss, chosen_rewards, rejected_rewards = hinge_loss(pc, pr, rc, rr, beta)
+    elif loss_type == "ipo":  # IPO's target margin is per token: it takes average log-probs (see losses.py)
+        loss, chosen_rewards, rejected_rewards = ipo_loss(
+            average_logprobs(pc, nc), average_logprobs(pr, nr), average_logprobs(rc, nc), average_logprobs(rr, nr),
+            beta)
+    elif loss_type == "simpo":
+        loss, chosen_rewards, rejected_rewards = simpo_loss(average_logprobs(pc, nc), average_logprobs(pr, nr),
+                                                            beta, simpo_gamma)
+    else:  # orpo
+        loss, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = orpo_loss(
+            average_logprobs(pc, nc), average_logprobs(pr, nr), nll, beta)
+        metrics.update({"nll_loss": nll.detach(), "log_odds_ratio": log_odds_ratio,
+                        "log_odds_chosen": log_odds_chosen})
+    if rpo_alpha > 0:
+        loss = loss + rpo_alpha * nll
+        metrics["nll_loss"] = nll.detach()
+    return loss, {**metrics, **reward_metrics(chosen_rewards, rejected_rewards)}
 
 
 def describe(r):
@@ -148,19 +287,10 @@ def evaluate():
     return {"task_accuracy": common.evaluate_task(policy, task, tok, rt)}
 
 
-def save(iter_num, results):
-    if rt.master:
-        path = os.path.join(out_dir, "ckpt.pt")
-        common.save_checkpoint(path, policy, config, tok.name, iter_num=iter_num, sft_ckpt=sft_ckpt, **results)
-        print(f"saved {path}")
-
-
-logger = common.MetricLogger(out_dir, rt)
-start_accuracy = ckpt.get("task_accuracy")
-results = common.train_loop(rt, train_model, optimizer, config, order, make_batch, compute_loss, evaluate, save,
-                            logger, describe)
+results = common.train_loop(rt, train_model, optimizer, config, order, make_batch, compute_loss, evaluate,
+                            describe, tok.name, start_iter, scaler, ckpt_extra={"sft_ckpt": sft_ckpt})
 if rt.master:
-    start = f"{start_accuracy:.1%}" if start_accuracy is not None else "?"
+    start = f"{start_accuracy:.1%}" if start_accuracy is not None else "-"
     print(f"{loss_type.upper()} done: held-out task_accuracy {start} (SFT) -> {results['task_accuracy']:.1%} "
           f"in {time.time() - t_start:.0f} s -> {os.path.join(out_dir, 'ckpt.pt')}")
 common.cleanup(rt)

@@ -18,7 +18,7 @@ import torch
 
 import common
 from configurator import apply_overrides
-from data import AdditionTask, BatchOrder, Tokenizer, collate, encode_sft_rows
+from data import AdditionTask, BatchOrder, Tokenizer, UserError, collate, encode_sft_rows
 from losses import sequence_logprobs, sft_loss
 from model import GPT, GPTConfig, logprobs_from_logits
 
@@ -31,6 +31,10 @@ dtype = "auto"            # 'auto' = bfloat16 on CUDA when supported, else float
 compile = False           # torch.compile the model (costs ~30 s up front on a CPU for a small speed-up)
 eval_interval = 200
 log_interval = 50
+init_from = "scratch"     # 'scratch', or 'resume' (continue from out_dir/ckpt.pt exactly)
+checkpoint_interval = 0   # also checkpoint every N iters (0: only at the end)
+always_save_checkpoint = False  # also checkpoint at every evaluation
+keep_last = 1             # > 1: keep the newest K checkpoints as ckpt_<iter>.pt besides ckpt.pt
 # data: the embedded task
 tokenizer = "byte"        # 'byte' (offline, 258 tokens) or 'gpt2' (tiktoken r50k_base)
 n_digits = 2              # a+b with n-digit a and b
@@ -76,19 +80,28 @@ if rt.master:
 
 model = GPT(GPTConfig(block_size=block_size, vocab_size=tok.n_vocab, n_layer=n_layer, n_head=n_head,
                       n_embd=n_embd, dropout=dropout, bias=bias)).to(rt.device)
+if init_from not in ("scratch", "resume"):
+    raise UserError(f"unknown init_from '{init_from}': expected 'scratch' or 'resume'")
 if rt.master:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters")
 optimizer = common.configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
-train_model = torch.compile(model) if compile else model
-if rt.ddp:
-    train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+train_model = common.prepare_for_training(model, rt, compile)
+scaler = common.grad_scaler(rt)
 order = BatchOrder(len(train_data), seed)
+start_iter = 0
+if init_from == "resume":  # continue the run in out_dir exactly where its last checkpoint left it
+    path = os.path.join(out_dir, "ckpt.pt")
+    start_iter = common.resume_state(common.load_checkpoint(path, tokenizer), model, optimizer, order, scaler, path)
+    if rt.master:
+        print(f"resuming {path} from iter {start_iter}")
 
 
 def make_batch(indices):
-    idx, targets, mask = collate([train_data[i] for i in indices], tok.pad_id)
+    rows = [train_data[i] for i in indices]
+    T = max(len(p) + len(r) for p, r in rows) - 1
+    idx, targets, mask = collate(rows, tok.pad_id, common.padded_length(T, block_size, compile))
     return {"idx": idx.to(rt.device), "targets": targets.to(rt.device), "mask": mask.to(rt.device),
-            "n_tokens": int(sum(len(train_data[i][0]) + len(train_data[i][1]) - 1 for i in indices))}
+            "n_tokens": sum(len(p) + len(r) - 1 for p, r in rows)}
 
 
 def compute_loss(batch):
@@ -102,16 +115,8 @@ def evaluate():
     return {"task_accuracy": common.evaluate_task(model, task, tok, rt)}
 
 
-def save(iter_num, results):
-    if rt.master:
-        path = os.path.join(out_dir, "ckpt.pt")
-        common.save_checkpoint(path, model, config, tokenizer, iter_num=iter_num, **results)
-        print(f"saved {path}")
-
-
-logger = common.MetricLogger(out_dir, rt)
-results = common.train_loop(rt, train_model, optimizer, config, order, make_batch, compute_loss, evaluate, save,
-                            logger, describe=lambda r: "")
+results = common.train_loop(rt, train_model, optimizer, config, order, make_batch, compute_loss, evaluate,
+                            describe=lambda r: "", tokenizer=tokenizer, start_iter=start_iter, scaler=scaler)
 if rt.master:
     print(f"SFT done: held-out task_accuracy {results['task_accuracy']:.1%} in {time.time() - t_start:.0f} s "
           f"-> {os.path.join(out_dir, 'ckpt.pt')}")
