@@ -35,6 +35,56 @@ sys.excepthook = _report_user_errors
 
 
 # -----------------------------------------------------------------------------------------------------------
+# Config checks: a value that makes no sense stops the run before any work, with one line naming it
+
+_CONFIG_RULES = {  # key: (holds for a sensible value, what the line says is expected)
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+    "max_iters": (lambda v: v >= 0, ">= 0"),
+    "learning_rate": (lambda v: v > 0, "> 0"),
+    "min_lr": (lambda v: v >= 0, ">= 0"),
+    "warmup_iters": (lambda v: v >= 0, ">= 0"),
+    "lr_decay_iters": (lambda v: v >= 0, ">= 0 (0 = max_iters)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "grad_clip": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+    "eval_interval": (lambda v: v >= 1, ">= 1"),
+    "log_interval": (lambda v: v >= 1, ">= 1"),
+    "checkpoint_interval": (lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    "keep_last": (lambda v: v >= 1, ">= 1"),
+    "max_nonfinite": (lambda v: v >= 1, ">= 1"),
+    "block_size": (lambda v: v >= 2, ">= 2"),
+    "n_layer": (lambda v: v >= 1, ">= 1"),
+    "n_head": (lambda v: v >= 1, ">= 1"),
+    "n_embd": (lambda v: v >= 1, ">= 1"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "n_digits": (lambda v: v >= 1, ">= 1"),
+    "n_eval": (lambda v: v >= 1, ">= 1"),
+    "slip_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "beta": (lambda v: v > 0, "> 0"),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "desirable_weight": (lambda v: v > 0, "> 0"),
+    "undesirable_weight": (lambda v: v > 0, "> 0"),
+    "rpo_alpha": (lambda v: v >= 0, ">= 0"),
+    "n_pairs": (lambda v: v >= 1, ">= 1"),
+    "n_samples": (lambda v: v >= 0, ">= 0"),
+    "sample_temperature": (lambda v: v >= 0, ">= 0"),
+    "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "'auto', 'float32', 'bfloat16' or 'float16'"),
+}
+
+
+def check_config(cfg):
+    """Check the settings a script has (rules only for keys present) right after apply_overrides; a NaN fails
+    every rule, since every comparison with it is False."""
+    for key, (ok, expected) in _CONFIG_RULES.items():
+        if key in cfg and cfg[key] is not None and not ok(cfg[key]):
+            raise UserError(f"{key}={cfg[key]!r} makes no sense: expected {expected}")
+    if cfg.get("n_head", 0) >= 1 and cfg.get("n_embd", 0) % cfg.get("n_head", 1) != 0:
+        raise UserError(f"n_embd={cfg['n_embd']} is not divisible by n_head={cfg['n_head']}")
+
+
+# -----------------------------------------------------------------------------------------------------------
 # Device, precision, DDP
 
 @dataclass
@@ -63,6 +113,15 @@ def setup_runtime(device="auto", dtype="auto", seed=1):
     ddp = int(os.environ.get("RANK", -1)) != -1
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device '{device}': expected 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' asked for, but this machine has no CUDA GPU (torch sees none): "
+                        "use --device=cpu or --device=auto")
+    if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise UserError(f"device '{device}' does not exist: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     rank, local_rank, world_size = 0, 0, 1
     if ddp:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
@@ -110,6 +169,12 @@ def padded_length(T, block_size, compile_model, multiple=16):
     if not compile_model:
         return T
     return min(block_size, -(-T // multiple) * multiple)
+
+
+def compiled_graphs():
+    """How many graphs torch.compile has built in this process (a new batch shape would add one)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"]
 
 
 def grad_scaler(rt):
@@ -256,23 +321,47 @@ class MetricLogger:
 
 
 @torch.no_grad()
-def evaluate_task(model, task, tok, rt, max_new_tokens=8, batch_size=500):
-    """Held-out exact-match accuracy (0-1) of greedy completions. Under DDP each rank takes every
-    world_size-th problem and the counts are summed, so no rank waits on another's share."""
+def evaluate_task(model, task, tok, rt, batch_size=500):
+    """Held-out exact-match accuracy (0-1) of greedy completions of task.eval_prompts, checked by
+    task.is_correct. Under DDP each rank takes every world_size-th prompt and the counts are summed, so no
+    rank waits on another's share."""
     raw = unwrap(model)
     was_training = raw.training
     raw.eval()
-    problems = task.eval_problems[rt.rank::rt.world_size]
+    prompts = task.eval_prompts[rt.rank::rt.world_size]
     correct = 0
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        prompts = [task.prompt(a, b) for a, b in chunk]
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
         with rt.autocast():
-            outs = raw.generate([tok.encode(p) for p in prompts], max_new_tokens, tok.eos_id, tok.pad_id)
-        correct += sum(task.is_correct(p, tok.decode(o)) for p, o in zip(prompts, outs))
-    counts = all_reduce_sum(torch.tensor([correct, len(problems)], dtype=torch.float64, device=rt.device), rt)
+            outs = raw.generate([tok.encode(p) for p in chunk], task.max_new_tokens, tok.eos_id, tok.pad_id)
+        correct += sum(task.is_correct(p, tok.decode(o)) for p, o in zip(chunk, outs))
+    counts = all_reduce_sum(torch.tensor([correct, len(prompts)], dtype=torch.float64, device=rt.device), rt)
     raw.train(was_training)
     return (counts[0] / counts[1]).item()
+
+
+@torch.no_grad()
+def evaluate_loss(model, compute_loss, make_batch, data, batch_size, rt):
+    """Held-out loss and metrics: the script's own compute_loss over every row of `data` (dropout off), means
+    weighted by rows, named eval_<name> (TRL's eval_loss, eval_rewards/accuracies, ...). Every rank computes the
+    whole (small) held-out set, so there is no collective that a rank could miss."""
+    raw = unwrap(model)
+    was_training = raw.training
+    raw.eval()
+    totals, names = None, None
+    for start in range(0, len(data), batch_size):
+        indices = list(range(start, min(start + batch_size, len(data))))
+        with rt.autocast():
+            loss, metrics = compute_loss(make_batch(indices, data))
+        values = torch.stack([loss.float()] + [v.float() for v in metrics.values()]) * len(indices)
+        totals, names = (values if totals is None else totals + values), ["loss", *metrics]
+    raw.train(was_training)
+    return {f"eval_{k}": v / len(data) for k, v in zip(names, totals.tolist())}
+
+
+def summary(results):
+    """One readable fragment of evaluation results for a script's last line."""
+    return ", ".join(f"{k} {v:.1%}" if k == "task_accuracy" else f"{k} {v:.4f}" for k, v in results.items())
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -423,6 +512,10 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         iters_timed += 1
+        if cfg.get("compile") and iter_num == start_iter:  # the first step pays for compilation: say so once
+            graphs_after_warmup = compiled_graphs()
+            if rt.master:
+                print(f"torch.compile: first step took {time.time() - t0:.1f} s ({graphs_after_warmup} graphs)")
         if iter_num % cfg["log_interval"] == 0 or iter_num == max_iters - 1:
             # metric means over every micro-batch on every rank, and the step's tokens over all ranks
             totals = all_reduce_sum(torch.cat([sums / (local_steps * rt.world_size),
@@ -439,6 +532,8 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
                       f"{dt * 1000 / iters_timed:.1f} ms/iter, {tokens / max(dt, 1e-9):,.0f} tok/s")
             t0, tokens, iters_timed = time.time(), 0, 0
     checkpoint(max_iters)
+    if cfg.get("compile") and rt.master and max_iters > start_iter:
+        print(f"torch.compile: {compiled_graphs() - graphs_after_warmup} recompiles after the first step")
     if rt.master and nonfinite_total:
         print(f"{nonfinite_total} update(s) skipped for non-finite values")
     return results

@@ -32,8 +32,10 @@ def _check(key, value, defaults, where):
         hint = f"; did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"{where}: unknown config key '{key}'{hint}")
     default = defaults[key]
-    if default is None or value is None:
+    if default is None:
         return value
+    if value is None:
+        raise ConfigError(f"{where}: '{key}' expects {type(default).__name__}, got None")
     if isinstance(default, bool) or isinstance(value, bool):
         if type(value) is not type(default):
             raise ConfigError(f"{where}: '{key}' expects {type(default).__name__}, got {value!r}")

@@ -7,6 +7,7 @@ reads it shifted by one (inputs = tokens[:-1], targets = tokens[1:]) and the mas
 that are response tokens or the EOS, never on prompt or padding.
 """
 
+import codecs
 import os
 import random
 
@@ -81,6 +82,8 @@ class AdditionTask:
             raise UserError(f"n_eval={n_eval} leaves no training problems ({len(problems)} in all)")
         self.eval_problems, self.train_problems = problems[:n_eval], problems[n_eval:]
         self.n_digits = n_digits
+        self.eval_prompts = [self.prompt(a, b) for a, b in self.eval_problems]  # what evaluation asks
+        self.max_new_tokens = n_digits + 3  # the longest answer plus EOS, with room for a wrong longer one
 
     @staticmethod
     def prompt(a, b):
@@ -178,6 +181,10 @@ class SkipCounter:
 
     def total(self):
         return sum(self.reasons.values())
+
+    def add_all(self, other):
+        for reason, n in other.reasons.items():
+            self.reasons[reason] = self.reasons.get(reason, 0) + n
 
     def __str__(self):
         return ", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items())) or "none"
@@ -293,9 +300,12 @@ class BatchOrder:
         return out
 
     def state_dict(self):
-        return {"epoch": self.epoch, "pos": self.pos}
+        return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "seed": self.seed}
 
     def load_state_dict(self, state):
+        if (state.get("n", self.n), state.get("seed", self.seed)) != (self.n, self.seed):
+            raise UserError(f"the checkpoint's data order is over {state.get('n')} rows with seed {state.get('seed')}, "
+                            f"this run has {self.n} rows with seed {self.seed}: resume with the same data and seed")
         self.epoch, self.pos = state["epoch"], state["pos"]
         self._perm = self._permutation()
 
@@ -622,6 +632,25 @@ def detect_format(column_names, first_row=None):
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
+def _check_text_file(path, chunk_size=1 << 20):
+    """Name an empty or non-UTF-8 JSON file in one line here; the JSON reader would fail later with a traceback
+    (a bad byte surfaces only when a row is read) or a bare StopIteration (an empty file)."""
+    if os.path.getsize(path) == 0:
+        raise UserError(f"data file {path} is empty")
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while True:
+            chunk, held = f.read(chunk_size), len(decoder.getstate()[0])  # held: a split character's start
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:  # e.start counts from the held bytes, then the chunk
+                raise UserError(f"data file {path} is not UTF-8 text: invalid byte at offset "
+                                f"{offset - held + e.start}") from None
+            if not chunk:
+                return
+            offset += len(chunk)
+
+
 def _load_dataset(path_or_name, split):
     """A local file (its one split is 'train'), a local folder, or a hub name ('owner/name' or
     'owner/name:config') -> a `datasets.Dataset`."""
@@ -636,6 +665,8 @@ def _load_dataset(path_or_name, split):
             if split != "train":
                 raise UserError(f"data file {path_or_name} has a single split 'train', not '{split}': "
                                 "give held-out rows as a file of their own")
+            if ext != ".parquet":
+                _check_text_file(path_or_name)
             return datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files=path_or_name, split="train")
         if os.path.isdir(path_or_name):
             return datasets.load_dataset(path_or_name, split=split)
@@ -682,3 +713,68 @@ def load_rows(path_or_name, split="train", kind="pairs", dataset_format=None, sk
             rows.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
             rows.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
     return rows, skipped
+
+
+class AnswerTask:
+    """A task whose rows carry a reference answer that can be checked by its final number, as GSM8K's do
+    ('... #### 42'): the same interface as AdditionTask (eval_prompts, is_correct, build_pairs), so sft.py and
+    dpo.py evaluate held-out task_accuracy and build on-policy pairs for it the same way.
+    train_rows / eval_rows: SFT rows {'prompt', 'response'} (load_rows(..., kind='sft'))."""
+
+    def __init__(self, train_rows, eval_rows, n_eval=None, max_new_tokens=256):
+        self.train_rows = [r for r in train_rows if gsm8k_answer(r["response"]) is not None]
+        self.answers = {r["prompt"]: gsm8k_answer(r["response"]) for r in eval_rows[:n_eval]
+                        if gsm8k_answer(r["response"]) is not None}
+        self.answers.update({r["prompt"]: gsm8k_answer(r["response"]) for r in self.train_rows})
+        self.eval_prompts = [r["prompt"] for r in eval_rows[:n_eval] if gsm8k_answer(r["response"]) is not None]
+        if not self.eval_prompts:
+            raise UserError("no held-out row has a final answer ('#### N') to check completions against")
+        self.max_new_tokens = max_new_tokens
+
+    def is_correct(self, prompt, completion):
+        return extract_final_number(completion) == self.answers[prompt]
+
+    def build_pairs(self, generate_fn, n_prompts, n_samples, temperature, seed):
+        """On-policy pairs: chosen = the reference solution; rejected = the model's greedy completion when its
+        final number is wrong, else the first wrong one of n_samples samples. A prompt the model always gets
+        right gets no pair (there is no safe way to corrupt a worked solution); it is counted as 'all correct'."""
+        rng = random.Random(seed)
+        rows_in = rng.sample(self.train_rows, min(n_prompts, len(self.train_rows)))
+        prompts = [r["prompt"] for r in rows_in]
+        if generate_fn is None:
+            raise UserError("pairs for a dataset of solutions are sampled from the SFT model: use init_from='sft'")
+        outputs = [("greedy", generate_fn(prompts, 0.0))]
+        outputs += [("sampled", generate_fn(prompts, temperature)) for _ in range(n_samples)]
+        rows, counts = [], {"greedy": 0, "sampled": 0, "all correct": 0}
+        for i, r in enumerate(rows_in):
+            wrong = next(((src, out[i]) for src, out in outputs
+                          if out[i].strip() and not self.is_correct(r["prompt"], out[i])), None)
+            if wrong is None:
+                counts["all correct"] += 1
+                continue
+            counts[wrong[0]] += 1
+            rows.append({"prompt": r["prompt"], "chosen": r["response"], "rejected": wrong[1]})
+        return rows, counts
+
+
+def dataset_kind(path_or_name, split="train", dataset_format=None):
+    """What a dataset holds, from its format: 'pairs', 'sft' or 'kto'."""
+    ds = _load_dataset(path_or_name, split)
+    fmt = dataset_format or detect_format(ds.column_names, ds[0] if len(ds) else None)
+    if fmt not in DATASET_FORMATS:
+        raise UserError(f"unknown dataset_format '{fmt}': expected one of {', '.join(DATASET_FORMATS)}")
+    return DATASET_FORMATS[fmt][0]
+
+
+def load_splits(dataset, kind, dataset_format, train_split, eval_dataset, eval_split, skip_bad_rows):
+    """Training and held-out rows for sft.py / dpo.py: (train_rows, eval_rows, report). Held-out rows come from
+    eval_dataset (a file of its own: local files have one split), else from dataset's eval_split; '' skips them."""
+    fmt = dataset_format or None
+    train_rows, skipped = load_rows(dataset, train_split, kind, fmt, skip_bad_rows)
+    eval_rows, eval_skipped = [], SkipCounter()
+    if eval_dataset or eval_split:
+        source, split = (eval_dataset, "train") if eval_dataset else (dataset, eval_split)
+        eval_rows, eval_skipped = load_rows(source, split, kind, fmt, skip_bad_rows)
+    report = (f"{dataset}: {len(train_rows)} training rows (skipped: {skipped}), "
+              f"{len(eval_rows)} held-out rows (skipped: {eval_skipped})")
+    return train_rows, eval_rows, report

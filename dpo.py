@@ -19,7 +19,8 @@ import torch
 
 import common
 from configurator import apply_overrides
-from data import AdditionTask, BatchOrder, Tokenizer, UserError, collate, collate_pairs, encode_pair_rows
+from data import (AdditionTask, AnswerTask, BatchOrder, Tokenizer, UserError, collate, collate_pairs, dataset_kind,
+                  encode_pair_rows, encode_sft_rows, load_splits)
 from losses import (average_logprobs, dpo_loss, hinge_loss, ipo_loss, kto_loss, kto_mismatched_indices,
                     orpo_loss, sequence_logprobs, sft_loss, simpo_loss)
 from model import GPT, GPTConfig, logprobs_from_logits
@@ -49,7 +50,15 @@ undesirable_weight = 1.0
 reference_free = False    # dpo/ipo/hinge against a uniform reference (reference log-probs 0): no reference model
 rpo_alpha = 0.0           # > 0: add rpo_alpha * NLL of the chosen response to a pairwise loss (RPO)
 precompute_ref = False    # one no-grad pass computes the reference log-probs, then the reference is freed
-# preference pairs from the embedded task (task settings come from the SFT checkpoint's config)
+# data: the embedded task (default), or a dataset (README: "Your own data")
+dataset = ""              # '' = pairs built on the embedded task; else a hub name or a local .jsonl/.json/.parquet
+                          # of pairs (trl, hh, ultrafeedback, ...), unpaired kto rows, or solutions (gsm8k)
+dataset_format = ""       # '' = detect from the columns
+dataset_split = "train"   # ultrafeedback_binarized: 'train_prefs'
+eval_dataset = ""         # held-out rows from a file of their own (a local file has one split)...
+eval_split = ""           # ...else from this split of `dataset` ('test_prefs', 'test'); '' = none
+skip_bad_rows = False     # count and skip malformed rows instead of stopping at the first
+# pairs built on the embedded task or a dataset of solutions (task settings come from the SFT checkpoint)
 n_pairs = 2000            # training prompts that get a pair
 n_samples = 2             # samples per prompt (temperature below) looked at when the greedy answer is right
 sample_temperature = 1.0
@@ -78,6 +87,7 @@ grad_clip = 1.0
 max_nonfinite = 5
 # -----------------------------------------------------------------------------------------------------------
 config = apply_overrides(globals())
+common.check_config(config)  # nonsense values (batch_size=0, ...) stop here, in one line
 # -----------------------------------------------------------------------------------------------------------
 LOSS_TYPES = ("dpo", "ipo", "hinge", "simpo", "orpo", "kto", "sft")
 if loss_type not in LOSS_TYPES:
@@ -108,7 +118,14 @@ if init_from == "scratch":
     start_accuracy = None
 else:
     if init_from == "resume":  # the run's own checkpoint names the SFT checkpoint its reference came from
-        sft_ckpt = common.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["config"]["sft_ckpt"]
+        # (written back into config too: this run's checkpoints must name it for the next resume)
+        run_config = common.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["config"]
+        if "sft_ckpt" not in run_config:
+            raise UserError(f"{os.path.join(out_dir, 'ckpt.pt')} was not written by dpo.py (its config names no "
+                            "sft_ckpt): point --out_dir at a dpo.py run to resume it")
+        if run_config.get("init_from") == "scratch":  # its model and pairs never came from sft_ckpt
+            raise UserError("resuming a dpo.py run that started with init_from='scratch' is not supported yet")
+        sft_ckpt = config["sft_ckpt"] = run_config["sft_ckpt"]
     ckpt = common.load_checkpoint(sft_ckpt)
     tok = Tokenizer(ckpt["tokenizer"])
     # dropout off: log-probs must be deterministic, and the policy must equal the reference at step 0
@@ -124,30 +141,57 @@ if needs_reference:
 block_size = policy.config.block_size
 
 
-# 2. the pairs: the verified answer (chosen) over the SFT model's own mistake (rejected), where it makes one
+# 2. the data. The embedded task (or a dataset of checkable solutions such as GSM8K): the verified answer
+# (chosen) over the SFT model's own mistake (rejected), sampled now from the policy, which is still the SFT model.
+# A preference dataset: its pairs as published. KTO: unpaired rows (a pair gives one of each label).
 def generate_fn(prompts, temperature, _g=torch.Generator(device=rt.device).manual_seed(seed)):
     policy.eval()
     outs = []
     for i in range(0, len(prompts), 500):
         with rt.autocast():
-            outs += policy.generate([tok.encode(p) for p in prompts[i:i + 500]], 8, tok.eos_id, tok.pad_id,
-                                    temperature=temperature, generator=_g)
+            outs += policy.generate([tok.encode(p) for p in prompts[i:i + 500]], task.max_new_tokens, tok.eos_id,
+                                    tok.pad_id, temperature=temperature, generator=_g)
     policy.train()
     return [tok.decode(o) for o in outs]
 
 
-rows, sources = task.build_pairs(generate_fn if init_from != "scratch" else None, n_pairs, n_samples,
-                                 sample_temperature, seed)
-train_data, skipped = encode_pair_rows(rows, tok, block_size, source="embedded task pairs")
+eval_rows = []
+kind = dataset_kind(dataset, dataset_split, dataset_format or None) if dataset else "task"
+if kind == "sft":  # solutions with a checkable final answer: on-policy pairs, as for the embedded task
+    solutions, eval_solutions, report = load_splits(dataset, "sft", dataset_format, dataset_split, eval_dataset,
+                                                    eval_split, skip_bad_rows)
+    task = AnswerTask(solutions, eval_solutions, n_eval)
+    kind = "task"
+if kind == "task":
+    rows, sources = task.build_pairs(generate_fn if init_from != "scratch" else None, n_pairs, n_samples,
+                                     sample_temperature, seed)
+    report = "pairs: rejected answers from " + ", ".join(f"{n} {k}" for k, n in sources.items() if n)
+else:
+    if kind == "kto" and loss_type != "kto":
+        raise UserError(f"{dataset} holds unpaired (kto) rows: use --loss_type=kto")
+    task = None  # no verifier: evaluation reports held-out preference metrics instead
+    rows, eval_rows, report = load_splits(dataset, "kto" if loss_type == "kto" else "pairs", dataset_format,
+                                          dataset_split, eval_dataset, eval_split, skip_bad_rows)
+if loss_type == "kto" and rows and "label" in rows[0]:
+    # unpaired rows, encoded per label so a skipped row cannot shift the labels of the others
+    good, skipped = encode_sft_rows([{"prompt": r["prompt"], "response": r["completion"]} for r in rows
+                                     if r["label"]], tok, block_size, source=dataset)
+    bad, skipped_bad = encode_sft_rows([{"prompt": r["prompt"], "response": r["completion"]} for r in rows
+                                        if not r["label"]], tok, block_size, source=dataset)
+    skipped.add_all(skipped_bad)
+    train_data = [(p, y, True) for p, y in good] + [(p, y, False) for p, y in bad]
+else:
+    train_data, skipped = encode_pair_rows(rows, tok, block_size, source=dataset or "embedded task pairs")
+    if loss_type == "kto":  # pairs -> one desirable (chosen) and one undesirable (rejected) example each
+        train_data = [(p, c, True) for p, c, _ in train_data] + [(p, r, False) for p, _, r in train_data]
+eval_data = [] if loss_type == "kto" else encode_pair_rows(eval_rows[:n_eval], tok, block_size,
+                                                           source=eval_dataset or dataset)[0]
 if rt.master:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "pairs.jsonl"), "w") as f:  # to read what the model is taught
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    print(f"pairs: {len(train_data)}; rejected answers from: " + ", ".join(f"{n} {k}" for k, n in sources.items()
-                                                                          if n) + f"; skipped: {skipped}")
+    print(f"{report}; {len(train_data)} training rows, skipped: {skipped}")
 if loss_type == "kto":
-    # KTO learns from unpaired examples: each pair gives a desirable (chosen) and an undesirable (rejected) one
-    train_data = [(p, c, True) for p, c, _ in train_data] + [(p, r, False) for p, _, r in train_data]
     n_good = sum(label for _, _, label in train_data)
     ratio = desirable_weight * n_good / max(undesirable_weight * (len(train_data) - n_good), 1e-9)
     if rt.master and not 1.0 <= ratio <= 4 / 3:
@@ -173,17 +217,24 @@ def sequence_logps(model, seqs):
     return sequence_logprobs(logprobs_from_logits(logits, targets.to(rt.device)), mask.to(rt.device))[0]
 
 
-# 3. optionally: the reference's log-probs once, up front, then no reference model at all
-ref_logps = None
+# 3. optionally: the reference's log-probs once, up front (training and held-out pairs), then no reference model
+@torch.no_grad()
+def reference_table(data):
+    """(N, 2) summed reference log-probs of every pair in `data`: [:, 0] chosen, [:, 1] rejected."""
+    table = torch.zeros(len(data), 2)
+    for i in range(0, len(data), batch_size):
+        with rt.autocast():
+            rc, rr, _, _ = concatenated_logps(reference, data[i:i + batch_size])
+        table[i:i + batch_size] = torch.stack([rc, rr], dim=1).float().cpu()
+    return table
+
+
+ref_tables = {}  # id(data) -> table, for the training and the held-out pairs
 if precompute_ref and reference is not None:
-    ref_logps = torch.zeros(len(train_data), 2)  # [:, 0] chosen, [:, 1] rejected
-    with torch.no_grad(), rt.autocast():
-        for i in range(0, len(train_data), batch_size):
-            rc, rr, _, _ = concatenated_logps(reference, train_data[i:i + batch_size])
-            ref_logps[i:i + batch_size] = torch.stack([rc, rr], dim=1).float().cpu()
+    ref_tables = {id(train_data): reference_table(train_data), id(eval_data): reference_table(eval_data)}
     reference = None  # freed: training now holds one model
     if rt.master:
-        print(f"precomputed reference log-probs for {len(train_data)} pairs; reference model freed")
+        print(f"precomputed reference log-probs for {len(train_data)} + {len(eval_data)} pairs; reference freed")
 
 optimizer = common.configure_optimizer(policy, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
 train_model = common.prepare_for_training(policy, rt, compile)  # only the policy is DDP-wrapped
@@ -201,8 +252,10 @@ if rt.master:
     print(f"loss_type {loss_type}: {n_models} model(s) in memory, {len(train_data)} training rows")
 
 
-def make_batch(indices):
-    batch = {"rows": [train_data[i] for i in indices], "indices": indices}
+def make_batch(indices, data=train_data):
+    batch = {"rows": [data[i] for i in indices]}
+    if id(data) in ref_tables:
+        batch["ref_logps"] = ref_tables[id(data)][indices].to(rt.device)  # (B, 2)
     batch["n_tokens"] = sum(len(row[0]) + len(row[1]) - 1 for row in batch["rows"])
     if loss_type != "kto":
         batch["n_tokens"] += sum(len(p) + len(r) - 1 for p, _, r in batch["rows"])
@@ -243,9 +296,8 @@ def compute_loss(batch):
         return kto_step(rows)
     pc, pr, nc, nr = concatenated_logps(train_model, rows)  # summed log-probs of chosen / rejected, (B,)
     metrics = {"logps/chosen": pc.detach().mean(), "logps/rejected": pr.detach().mean()}
-    if ref_logps is not None:
-        ref = ref_logps[batch["indices"]].to(rt.device)
-        rc, rr = ref[:, 0], ref[:, 1]
+    if "ref_logps" in batch:
+        rc, rr = batch["ref_logps"][:, 0], batch["ref_logps"][:, 1]
     elif reference is not None:
         with torch.no_grad():
             rc, rr, _, _ = concatenated_logps(ref_model, rows)
@@ -284,13 +336,16 @@ def describe(r):
 
 
 def evaluate():
-    return {"task_accuracy": common.evaluate_task(policy, task, tok, rt)}
+    results = {"task_accuracy": common.evaluate_task(policy, task, tok, rt)} if task is not None else {}
+    if eval_data:  # held-out preference metrics: eval_loss, eval_rewards/accuracies, ...
+        results.update(common.evaluate_loss(policy, compute_loss, make_batch, eval_data, batch_size, rt))
+    return results
 
 
 results = common.train_loop(rt, train_model, optimizer, config, order, make_batch, compute_loss, evaluate,
                             describe, tok.name, start_iter, scaler, ckpt_extra={"sft_ckpt": sft_ckpt})
 if rt.master:
-    start = f"{start_accuracy:.1%}" if start_accuracy is not None else "-"
-    print(f"{loss_type.upper()} done: held-out task_accuracy {start} (SFT) -> {results['task_accuracy']:.1%} "
-          f"in {time.time() - t_start:.0f} s -> {os.path.join(out_dir, 'ckpt.pt')}")
+    start = f"{start_accuracy:.1%} (SFT) -> " if start_accuracy is not None and task is not None else ""
+    print(f"{loss_type.upper()} done: held-out {start}{common.summary(results)} in {time.time() - t_start:.0f} s "
+          f"-> {os.path.join(out_dir, 'ckpt.pt')}")
 common.cleanup(rt)

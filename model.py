@@ -214,3 +214,45 @@ class GPT(nn.Module):
         for row in idx[:, L:].tolist():  # one host copy at the end, not one per token
             out.append(row[:row.index(eos_id)] if eos_id in row else row)
         return out
+
+    @classmethod
+    def from_hf_gpt2(cls, hf_model_or_name, block_size=None, dropout=0.0):
+        """A GPT holding the weights of a Hugging Face GPT2LMHeadModel: a model object, or a name or folder that
+        GPT2LMHeadModel.from_pretrained loads ('gpt2', 'gpt2-medium', ...). block_size, when smaller than GPT-2's
+        n_positions, keeps only the first rows of the position table (less memory for short sequences)."""
+        if isinstance(hf_model_or_name, str):
+            from transformers import GPT2LMHeadModel  # an optional dependency, needed only here
+            hf = GPT2LMHeadModel.from_pretrained(hf_model_or_name)
+        else:
+            hf = hf_model_or_name
+        c = hf.config
+        # the architecture has to be the one forward() computes (options that only change rounding don't matter)
+        if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"GPT-2 config uses activation '{c.activation_function}', this GPT has tanh-GELU")
+        if c.n_inner not in (None, 4 * c.n_embd) or not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx:
+            raise ValueError("GPT-2 config has n_inner != 4*n_embd or non-standard attention scaling")
+        if abs(c.layer_norm_epsilon - 1e-5) > 1e-12:  # nn.LayerNorm's default eps is GPT-2's 1e-5
+            raise ValueError(f"GPT-2 config has layer_norm_epsilon {c.layer_norm_epsilon}, this GPT uses 1e-5")
+        block_size = block_size or c.n_positions
+        if block_size > c.n_positions:
+            raise ValueError(f"block_size {block_size} > the model's n_positions {c.n_positions}")
+        model = cls(GPTConfig(block_size=block_size, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                              n_embd=c.n_embd, dropout=dropout, bias=True))
+        # attn.bias / attn.masked_bias are causal-mask buffers of older transformers versions, not weights
+        src = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        dst = model.state_dict()  # the tensors share storage with the parameters: copy_ fills the model
+        if "lm_head.weight" in src and not torch.equal(src.pop("lm_head.weight"), src["transformer.wte.weight"]):
+            raise ValueError("the GPT-2 model's lm_head is not tied to its token embedding; this GPT ties them")
+        if set(src) != set(dst) - {"lm_head.weight"}:
+            raise ValueError(f"GPT-2 weights do not match this GPT's layout: {sorted(set(src) ^ set(dst))[:4]}")
+        # GPT-2 stores these projections as Conv1D, weight (in, out); nn.Linear holds (out, in)
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for k, v in src.items():
+                if k.endswith(conv1d):
+                    v = v.t()
+                if k == "transformer.wpe.weight":
+                    v = v[:block_size]
+                assert v.shape == dst[k].shape, f"{k}: {tuple(v.shape)} vs {tuple(dst[k].shape)}"
+                dst[k].copy_(v)
+        return model

@@ -18,7 +18,8 @@ import torch
 
 import common
 from configurator import apply_overrides
-from data import AdditionTask, BatchOrder, Tokenizer, UserError, collate, encode_sft_rows
+from data import (AdditionTask, AnswerTask, BatchOrder, Tokenizer, UserError, collate, encode_sft_rows, gsm8k_answer,
+                  load_splits)
 from losses import sequence_logprobs, sft_loss
 from model import GPT, GPTConfig, logprobs_from_logits
 
@@ -31,11 +32,19 @@ dtype = "auto"            # 'auto' = bfloat16 on CUDA when supported, else float
 compile = False           # torch.compile the model (costs ~30 s up front on a CPU for a small speed-up)
 eval_interval = 200
 log_interval = 50
-init_from = "scratch"     # 'scratch', or 'resume' (continue from out_dir/ckpt.pt exactly)
+init_from = "scratch"     # 'scratch', 'resume' (continue from out_dir/ckpt.pt exactly), or GPT-2 weights:
+                          # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (needs transformers, tokenizer='gpt2')
 checkpoint_interval = 0   # also checkpoint every N iters (0: only at the end)
 always_save_checkpoint = False  # also checkpoint at every evaluation
 keep_last = 1             # > 1: keep the newest K checkpoints as ckpt_<iter>.pt besides ckpt.pt
-# data: the embedded task
+# data: the embedded task, or a dataset (README: "Your own data")
+dataset = ""              # '' = the embedded addition task; else a hub name (e.g. 'openai/gsm8k:main') or a
+                          # local .jsonl / .json / .parquet file
+dataset_format = ""       # '' = detect from the columns; or prompt_completion, messages, gsm8k, trl, hh, ...
+dataset_split = "train"
+eval_dataset = ""         # held-out rows from a file of their own (a local file has one split)...
+eval_split = "test"       # ...else from this split of `dataset` ('' = none)
+skip_bad_rows = False     # count and skip malformed rows instead of stopping at the first
 tokenizer = "byte"        # 'byte' (offline, 258 tokens) or 'gpt2' (tiktoken r50k_base)
 n_digits = 2              # a+b with n-digit a and b
 n_eval = 1000             # held-out problems, disjoint from training
@@ -64,24 +73,43 @@ grad_clip = 1.0
 max_nonfinite = 5         # stop after this many non-finite steps in a row
 # -----------------------------------------------------------------------------------------------------------
 config = apply_overrides(globals())
+common.check_config(config)  # nonsense values (batch_size=0, ...) stop here, in one line
 # -----------------------------------------------------------------------------------------------------------
 
 t_start = time.time()
 rt = common.setup_runtime(device, dtype, seed)
 tok = Tokenizer(tokenizer)
-task = AdditionTask(n_digits, n_eval, task_seed)
 
-# the imperfect demonstrations, as token ids
-rows, n_wrong = task.sft_rows(slip_prob, seed)
-train_data, skipped = encode_sft_rows(rows, tok, block_size, source="embedded task")
-if rt.master:
-    print(f"SFT data: {len(train_data)} demonstrations ({n_wrong} = {n_wrong / len(rows):.1%} with a wrong "
-          f"answer), {len(task.eval_problems)} held-out problems, skipped: {skipped}")
+# the demonstrations, as token ids: the embedded task's imperfect ones, or a dataset's
+eval_rows = []
+if dataset:
+    rows, eval_rows, report = load_splits(dataset, "sft", dataset_format, dataset_split, eval_dataset, eval_split,
+                                          skip_bad_rows)
+    # solutions with a checkable final answer (GSM8K) also give a held-out task_accuracy
+    checkable = eval_rows and all(gsm8k_answer(r["response"]) is not None for r in eval_rows[:n_eval])
+    task = AnswerTask(rows, eval_rows, n_eval) if checkable else None
+    if rt.master:
+        print(report)
+else:
+    task = AdditionTask(n_digits, n_eval, task_seed)
+    rows, n_wrong = task.sft_rows(slip_prob, seed)
+    if rt.master:
+        print(f"SFT data: {len(rows)} demonstrations ({n_wrong} = {n_wrong / len(rows):.1%} with a wrong "
+              f"answer), {len(task.eval_prompts)} held-out problems")
+train_data, skipped = encode_sft_rows(rows, tok, block_size, source=dataset or "embedded task")
+eval_data, _ = encode_sft_rows(eval_rows[:n_eval], tok, block_size, source=eval_dataset or dataset)
+if rt.master and skipped.total():
+    print(f"skipped {skipped.total()} training rows: {skipped}")
 
-model = GPT(GPTConfig(block_size=block_size, vocab_size=tok.n_vocab, n_layer=n_layer, n_head=n_head,
-                      n_embd=n_embd, dropout=dropout, bias=bias)).to(rt.device)
-if init_from not in ("scratch", "resume"):
-    raise UserError(f"unknown init_from '{init_from}': expected 'scratch' or 'resume'")
+if init_from.startswith("gpt2"):
+    if tokenizer != "gpt2":
+        raise UserError(f"init_from='{init_from}' needs tokenizer='gpt2', not '{tokenizer}'")
+    model = GPT.from_hf_gpt2(init_from, block_size=block_size, dropout=dropout).to(rt.device)
+elif init_from in ("scratch", "resume"):
+    model = GPT(GPTConfig(block_size=block_size, vocab_size=tok.n_vocab, n_layer=n_layer, n_head=n_head,
+                          n_embd=n_embd, dropout=dropout, bias=bias)).to(rt.device)
+else:
+    raise UserError(f"unknown init_from '{init_from}': expected 'scratch', 'resume' or a GPT-2 name ('gpt2', ...)")
 if rt.master:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters")
 optimizer = common.configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
@@ -96,8 +124,8 @@ if init_from == "resume":  # continue the run in out_dir exactly where its last 
         print(f"resuming {path} from iter {start_iter}")
 
 
-def make_batch(indices):
-    rows = [train_data[i] for i in indices]
+def make_batch(indices, data=train_data):
+    rows = [data[i] for i in indices]
     T = max(len(p) + len(r) for p, r in rows) - 1
     idx, targets, mask = collate(rows, tok.pad_id, common.padded_length(T, block_size, compile))
     return {"idx": idx.to(rt.device), "targets": targets.to(rt.device), "mask": mask.to(rt.device),
@@ -112,12 +140,15 @@ def compute_loss(batch):
 
 
 def evaluate():
-    return {"task_accuracy": common.evaluate_task(model, task, tok, rt)}
+    results = {"task_accuracy": common.evaluate_task(model, task, tok, rt)} if task is not None else {}
+    if eval_data:  # held-out NLL per response token
+        results.update(common.evaluate_loss(model, compute_loss, make_batch, eval_data, batch_size, rt))
+    return results
 
 
 results = common.train_loop(rt, train_model, optimizer, config, order, make_batch, compute_loss, evaluate,
                             describe=lambda r: "", tokenizer=tokenizer, start_iter=start_iter, scaler=scaler)
 if rt.master:
-    print(f"SFT done: held-out task_accuracy {results['task_accuracy']:.1%} in {time.time() - t_start:.0f} s "
+    print(f"SFT done: held-out {common.summary(results)} in {time.time() - t_start:.0f} s "
           f"-> {os.path.join(out_dir, 'ckpt.pt')}")
 common.cleanup(rt)

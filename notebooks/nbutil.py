@@ -1,0 +1,143 @@
+"""
+What the notebooks share: finding the repo, the one short SFT checkpoint they all start from, running sft.py /
+dpo.py as real subprocesses (a few at a time), and a Monte-Carlo estimate of KL(policy || reference).
+Each notebook prints the exact commands it runs, so everything here can be reproduced from a shell.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def repo_root():
+    """The repository root (the folder holding dpo.py), found from the current folder or its parents; the
+    notebooks run from the repo root or from notebooks/, and chdir to the root so relative paths work."""
+    for p in [Path.cwd(), *Path.cwd().parents]:
+        if (p / "dpo.py").exists() and (p / "losses.py").exists():
+            return p
+    raise FileNotFoundError("run the notebook from the repository or its notebooks/ folder")
+
+
+def setup():
+    """chdir to the repo root and make its modules importable; returns the root."""
+    root = repo_root()
+    os.chdir(root)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return root
+
+
+OUT = "out/notebooks"
+# The shared SFT model: the full recipe (`python sft.py`) runs 800 iterations; 500 is enough for a model that
+# answers in the right format but has learnt the demonstrations' carry slip, which is what DPO should fix.
+# n_eval=500 held-out problems halves the cost of every evaluation in the DPO runs (they inherit it).
+SFT_ARGS = {"max_iters": 500, "n_eval": 500, "eval_interval": 100, "log_interval": 50}
+SFT_DIR = f"{OUT}/sft"
+
+
+def command(script, args):
+    """['python', script, '--k=v', ...] for a settings dict."""
+    return [sys.executable, script] + [f"--{k}={v}" for k, v in args.items()]
+
+
+def show(cmd):
+    return " ".join(["python"] + cmd[1:])
+
+
+def _env():
+    # one thread per run: several small runs side by side use the cores better than one run on all of them
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+def ensure_sft():
+    """Run the short SFT into out/notebooks/sft unless a checkpoint made with the same settings is already
+    there (every notebook calls this; the first one pays ~45 s). Returns the checkpoint's path."""
+    import common
+    from data import UserError
+    path = f"{SFT_DIR}/ckpt.pt"
+    try:
+        cfg = common.load_checkpoint(path)["config"]
+        if all(cfg.get(k) == v for k, v in dict(SFT_ARGS, out_dir=SFT_DIR).items()):
+            print(f"reusing {path}")
+            return path
+    except UserError:  # missing, unreadable or of an older format: train it again
+        pass
+    run_all({"sft": ("sft.py", dict(SFT_ARGS, out_dir=SFT_DIR))})
+    return path
+
+
+def parallel_lanes():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores)
+
+
+def run_all(jobs, lanes=None):
+    """jobs: {name: (script, settings)}; runs them as subprocesses, `lanes` at a time, each logging to its
+    out_dir/log.txt. Prints each command and its last line; a failed run raises with the end of its log."""
+    lanes = lanes or parallel_lanes()
+    pending, running = list(jobs.items()), []
+    t0 = time.time()
+    while pending or running:
+        while pending and len(running) < lanes:
+            name, (script, args) = pending.pop(0)
+            os.makedirs(args["out_dir"], exist_ok=True)
+            cmd = command(script, args)
+            print("$ " + show(cmd), flush=True)
+            log = open(os.path.join(args["out_dir"], "log.txt"), "w")
+            running.append((name, args, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env()), log))
+        for item in list(running):
+            name, args, proc, log = item
+            if proc.poll() is None:
+                continue
+            log.close()
+            running.remove(item)
+            lines = Path(args["out_dir"], "log.txt").read_text().strip().splitlines()
+            if proc.returncode != 0:
+                for _, _, other, _ in running:
+                    other.kill()
+                raise RuntimeError(f"{name} failed (exit {proc.returncode}):\n" + "\n".join(lines[-15:]))
+            print(f"  [{name}] {lines[-1] if lines else ''}", flush=True)
+        time.sleep(0.2)
+    print(f"{len(jobs)} run(s) in {time.time() - t0:.0f} s")
+
+
+@torch.no_grad()
+def sampled_kl(policy, reference, task, tok, n_prompts=500, max_new_tokens=8, seed=0):
+    """Monte-Carlo estimate of KL(policy || reference) on held-out prompts, in nats per completion:
+    sample y ~ policy(.|x) at temperature 1, then average log policy(y|x) - log reference(y|x) over the
+    samples (the log-probs are summed over the sampled tokens, EOS included when it was sampled).
+    Also returns the samples' exact-match accuracy: the reward the KL is paid for. Returns a dict with
+    kl, kl_stderr and sampled_accuracy."""
+    from data import collate
+    from losses import sequence_logprobs
+    policy.eval()
+    reference.eval()
+    problems = task.eval_problems[:n_prompts]
+    prompts = [tok.encode(task.prompt(a, b)) for a, b in problems]
+    g = torch.Generator().manual_seed(seed)
+    outs = policy.generate(prompts, max_new_tokens, tok.eos_id, tok.pad_id, temperature=1.0, generator=g)
+    # generate drops the EOS; a completion shorter than max_new_tokens stopped because EOS was sampled
+    seqs = [(p, o + [tok.eos_id] if len(o) < max_new_tokens else o) for p, o in zip(prompts, outs)]
+    idx, targets, mask = collate(seqs, tok.pad_id)
+    log_ratio = (sequence_logprobs(policy.token_logprobs(idx, targets), mask)[0]
+                 - sequence_logprobs(reference.token_logprobs(idx, targets), mask)[0])  # (n,)
+    correct = [task.is_correct(task.prompt(a, b), tok.decode(o)) for (a, b), o in zip(problems, outs)]
+    return {"kl": log_ratio.mean().item(), "kl_stderr": (log_ratio.std() / len(seqs) ** 0.5).item(),
+            "sampled_accuracy": sum(correct) / len(correct)}
+
+
+def load_model(path):
+    """A GPT from a checkpoint (dropout off), its tokenizer and the task it was trained on."""
+    import common
+    from data import AdditionTask, Tokenizer
+    ckpt = common.load_checkpoint(path)
+    model = common.model_from_checkpoint(ckpt, path, dropout=0.0).eval()
+    cfg = ckpt["config"]
+    if "loss_type" in cfg and cfg.get("init_from") != "scratch":
+        # a dpo.py checkpoint started from SFT: the task settings are those of its SFT checkpoint
+        cfg = common.load_checkpoint(ckpt["sft_ckpt"])["config"]
+    return model, Tokenizer(ckpt["tokenizer"]), AdditionTask(cfg["n_digits"], cfg["n_eval"], cfg["task_seed"])

@@ -1,0 +1,264 @@
+"""Bad input ends a run with ONE line on stderr that names the problem (exit code != 0, no traceback), or is
+skipped and counted. Part one runs the real scripts as subprocesses (what a user sees); part two calls the
+loading and checking functions in-process, where a subprocess would only add seconds.
+
+The subprocesses run concurrently (a few at a time) from one fixture, so the file stays within its time budget."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import common
+from data import BatchOrder, Tokenizer, UserError, encode_pair_rows, encode_sft_rows, load_rows
+from model import GPT, GPTConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(block_size=32, vocab_size=258, n_layer=1, n_head=2, n_embd=32, dropout=0.0, bias=True)
+SFT_TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=8", "--n_eval=50", "--max_iters=1",
+            "--device=cpu"]
+TASK_CONFIG = {"n_digits": 2, "n_eval": 50, "task_seed": 1234}
+
+# (id, script, arguments ({d}: the fixture's folder), what the one line must contain)
+SCRIPT_CASES = [
+    ("zero_batch_size", "sft.py", ["--batch_size=0"], "batch_size=0 makes no sense"),
+    ("negative_beta", "dpo.py", ["--beta=-0.1"], "beta=-0.1 makes no sense"),
+    ("unknown_loss_type", "dpo.py", ["--loss_type=dpoo"], "unknown loss_type 'dpoo'"),
+    ("no_cuda", "sft.py", ["--device=cuda"], "no CUDA GPU"),
+    ("unknown_config_key", "sft.py", ["--batchsize=8"], "did you mean 'batch_size'"),
+    ("ill_typed_config_value", "dpo.py", ["--max_iters=ten"], "'max_iters' expects int"),
+    ("argument_without_equals", "sft.py", ["--max_iters"], "expected --key=value"),
+    ("config_file_raises", "sft.py", ["{d}/raises.py"], "ZeroDivisionError"),
+    ("config_file_missing", "dpo.py", ["{d}/missing.py"], "No such file"),
+    ("resume_without_checkpoint", "sft.py", SFT_TINY + ["--init_from=resume", "--out_dir={d}/empty"],
+     "does not exist"),
+    ("truncated_sft_ckpt", "dpo.py", ["--sft_ckpt={d}/half.pt"], "could not be read"),
+    ("text_file_as_ckpt", "dpo.py", ["--sft_ckpt={d}/text/ckpt.pt"], "could not be read"),
+    ("sft_ckpt_of_other_shape", "dpo.py", ["--sft_ckpt={d}/wrong_shape.pt"], "has shape (258, 64)"),
+    ("resume_other_tokenizer", "sft.py", SFT_TINY + ["--init_from=resume", "--out_dir={d}/run", "--tokenizer=gpt2"],
+     "tokenizer 'byte', this run uses 'gpt2'"),
+    ("resume_other_architecture", "sft.py", SFT_TINY[:2] + SFT_TINY[3:] + ["--n_embd=64", "--init_from=resume",
+                                                                          "--out_dir={d}/run"], "has shape"),
+    ("dpo_resume_of_sft_run", "dpo.py", ["--init_from=resume", "--out_dir={d}/run"], "not written by dpo.py"),
+    ("kto_batch_size_1", "dpo.py", ["--loss_type=kto", "--batch_size=1"], "kto needs batch_size >= 2"),
+]
+
+
+def write_training_checkpoint(out_dir, **model_kw):
+    """A checkpoint with everything resume needs, as sft.py would write it for a TINY model."""
+    model = GPT(GPTConfig(**dict(TINY, **model_kw)))
+    optimizer = common.configure_optimizer(model, 0.1, 1e-3, (0.9, 0.99), "cpu")
+    common.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), model, dict(TASK_CONFIG, out_dir=str(out_dir)),
+                           "byte", iter_num=1, optimizer=optimizer.state_dict(),
+                           data_order=BatchOrder(10, 1).state_dict(), rng=common.rng_state())
+
+
+def make_files(d):
+    """The bad inputs the script cases point at, all under folder d."""
+    with open(d / "raises.py", "w") as f:
+        f.write("batch_size = 4\nmax_iters = 1 // 0\n")
+    os.makedirs(d / "empty")
+    os.makedirs(d / "run")
+    write_training_checkpoint(d / "run")
+    with open(d / "run" / "ckpt.pt", "rb") as f:
+        data = f.read()
+    with open(d / "half.pt", "wb") as f:
+        f.write(data[:len(data) // 2])
+    os.makedirs(d / "text")
+    with open(d / "text" / "ckpt.pt", "w") as f:
+        f.write("this is not a checkpoint\n")
+    # model_args of one shape, weights of another (n_embd 32 vs 64)
+    ckpt = common.load_checkpoint(str(d / "run" / "ckpt.pt"))
+    ckpt["model"] = GPT(GPTConfig(**dict(TINY, n_embd=64))).state_dict()
+    torch.save(ckpt, d / "wrong_shape.pt")
+
+
+@pytest.fixture(scope="module")
+def script_results(tmp_path_factory, script_env):
+    """Start every script case (3 at a time) once; each test then waits for its own."""
+    d = tmp_path_factory.mktemp("bad_input")
+    make_files(d)
+
+    def run(case):
+        _, script, args, _ = case
+        return subprocess.run([sys.executable, os.path.join(REPO, script)] + [a.format(d=d) for a in args],
+                              cwd=d, env=script_env, capture_output=True, text=True, timeout=120)
+
+    pool = ThreadPoolExecutor(max_workers=3)
+    futures = {case[0]: pool.submit(run, case) for case in SCRIPT_CASES}
+    yield futures
+    pool.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("case", SCRIPT_CASES, ids=[c[0] for c in SCRIPT_CASES])
+def test_script_reports_one_line(case, script_results):
+    proc = script_results[case[0]].result()
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0, proc.stdout[-1000:]
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: ") and case[3] in lines[0], lines[0]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# In-process: the same promise from the functions the scripts call
+
+def one_line_error(fn, *args, match, **kwargs):
+    with pytest.raises(UserError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message and match in message, message
+    return message
+
+
+BAD_CONFIGS = [
+    ({"learning_rate": 0.0}, "learning_rate=0.0"),
+    ({"learning_rate": float("nan")}, "learning_rate=nan"),
+    ({"max_iters": -1}, "max_iters=-1"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps=0"),
+    ({"label_smoothing": 0.5}, "label_smoothing=0.5"),
+    ({"dropout": 1.0}, "dropout=1.0"),
+    ({"eval_interval": 0}, "eval_interval=0"),
+    ({"log_interval": -2}, "log_interval=-2"),
+    ({"block_size": 1}, "block_size=1"),
+    ({"beta2": 1.0}, "beta2=1.0"),
+    ({"n_embd": 30, "n_head": 4}, "n_embd=30 is not divisible by n_head=4"),
+    ({"dtype": "float64"}, "dtype='float64'"),
+    ({"desirable_weight": 0.0}, "desirable_weight=0.0"),
+]
+
+
+@pytest.mark.parametrize("cfg, match", BAD_CONFIGS, ids=[m.split("=")[0].split()[0] for _, m in BAD_CONFIGS])
+def test_check_config_rejects(cfg, match):
+    good = {"batch_size": 8, "max_iters": 0, "learning_rate": 1e-3, "n_embd": 32, "n_head": 2, "beta": 0.1,
+            "label_smoothing": 0.0, "dropout": 0.0, "dtype": "auto"}
+    common.check_config(good)  # the baseline passes, so each failure below is the one key's doing
+    one_line_error(common.check_config, dict(good, **cfg), match=match)
+
+
+def test_gradient_accumulation_not_divisible_by_world_size(tmp_path):
+    # what 2 processes under torchrun would see, without starting them: train_loop checks before any work
+    rt = common.Runtime("cpu", "cpu", "float32", ddp=False, rank=0, local_rank=0, world_size=2)
+    cfg = {"gradient_accumulation_steps": 3, "batch_size": 4, "max_iters": 1, "out_dir": str(tmp_path)}
+    model = GPT(GPTConfig(**TINY))
+    one_line_error(common.train_loop, rt, model, None, cfg, None, None, None, None, None, "byte",
+                   match="gradient_accumulation_steps=3 is not divisible by the world size 2")
+
+
+def test_unknown_device():
+    one_line_error(common.setup_runtime, "cdua", "float32", 1, match="unknown device 'cdua'")
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    write_training_checkpoint(tmp_path)
+    return str(tmp_path / "ckpt.pt")
+
+
+def test_checkpoint_of_another_format(tiny_ckpt):
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    ckpt["format_version"] = 99
+    torch.save(ckpt, tiny_ckpt)
+    one_line_error(common.load_checkpoint, tiny_ckpt, match="has format 99, expected 1")
+
+
+def test_state_dict_without_model_args(tiny_ckpt):
+    torch.save(GPT(GPTConfig(**TINY)).state_dict(), tiny_ckpt)  # a bare state dict, not a checkpoint
+    one_line_error(common.load_checkpoint, tiny_ckpt, match="is not a checkpoint of this code")
+
+
+def test_checkpoint_with_missing_layers(tiny_ckpt):
+    ckpt = common.load_checkpoint(tiny_ckpt)
+    ckpt["model_args"]["n_layer"] = 2  # the weights hold one block
+    one_line_error(common.model_from_checkpoint, ckpt, tiny_ckpt, match="missing keys ['transformer.h.1.attn.c_attn")
+
+
+def test_checkpoint_without_training_state_cannot_resume(tiny_ckpt):
+    ckpt = common.load_checkpoint(tiny_ckpt)
+    del ckpt["optimizer"]  # e.g. a checkpoint converted from GPT-2 weights
+    model = GPT(GPTConfig(**TINY))
+    one_line_error(common.resume_state, ckpt, model, None, None, path=tiny_ckpt, match="has no 'optimizer'")
+
+
+# -- rows: each bad row is named (source, row, key), or skipped and counted
+
+@pytest.mark.parametrize("row, match", [
+    ({"prompt": "1+1=", "chosen": "2"}, "row 1: missing key 'rejected'"),
+    ({"prompt": "1+1=", "chosen": 2, "rejected": "3"}, "row 1: key 'chosen' should be a string, found int"),
+    ({"prompt": None, "chosen": "2", "rejected": "3"}, "row 1: key 'prompt' should be a string, found NoneType"),
+], ids=["missing_key", "int_response", "none_prompt"])
+def test_bad_pair_row(byte_tok, row, match):
+    good = {"prompt": "1+1=", "chosen": "2", "rejected": "3"}
+    one_line_error(encode_pair_rows, [good, row], byte_tok, 32, source="pairs.jsonl", match=f"pairs.jsonl, {match}")
+
+
+def test_bad_sft_row(byte_tok):
+    one_line_error(encode_sft_rows, [{"prompt": "1+1=", "response": ["2"]}], byte_tok, 32,
+                   match="key 'response' should be a string, found list")
+
+
+def test_skipped_pairs_are_counted(byte_tok):
+    rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"},
+            {"prompt": "1+1=", "chosen": "2", "rejected": "2"},          # no preference
+            {"prompt": "1+1=", "chosen": "  ", "rejected": "3"},         # empty answer
+            {"prompt": "", "chosen": "2", "rejected": "3"},              # empty prompt
+            # block_size 8 = 9 tokens: the prompt keeps its last 4, the answers 5 each: "abcde" both
+            {"prompt": "a long prompt=", "chosen": "abcdefX", "rejected": "abcdefY"}]
+    out, skipped = encode_pair_rows(rows, byte_tok, block_size=8)
+    assert out == [(byte_tok.encode("1+1="), byte_tok.encode("2") + [256], byte_tok.encode("3") + [256])]
+    assert skipped.reasons == {"chosen == rejected": 1, "empty response": 1, "empty prompt": 1,
+                               "chosen == rejected after truncation": 1}
+
+
+def test_long_prompt_is_truncated_from_the_left(byte_tok):
+    prompt = "x" * 50 + "12+34="
+    out, skipped = encode_sft_rows([{"prompt": prompt, "response": "46"}], byte_tok, block_size=16)
+    (p, r), = out
+    assert skipped.total() == 0
+    assert len(p) + len(r) <= 17 and r == byte_tok.encode("46") + [256]
+    assert p == byte_tok.encode(prompt)[-len(p):] and byte_tok.decode(p).endswith("12+34=")
+
+
+def test_lone_surrogates_encode_as_replacement_characters(byte_tok):
+    # text decoded from invalid UTF-8 with errors='surrogateescape' holds lone surrogates: the byte tokenizer
+    # encodes each as U+FFFD (EF BF BD) rather than failing
+    text = b"a\xffb".decode("utf-8", errors="surrogateescape")
+    assert byte_tok.encode(text) == [97, 0xEF, 0xBF, 0xBD, 98]
+
+
+# -- data files (data.load_rows)
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "is empty"),
+    (b'{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{"prompt": "a\xff\xfe", "chosen": "2", "rejected": "3"}\n',
+     "is not UTF-8 text: invalid byte at offset 64"),  # = the index of \xff in these bytes
+    (b'{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{"prompt": "1+1=", "chosen": "2", "rej', "JSON"),
+    (b'{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{"prompt": "1+1=", "chosen": "", "rejected": "3"}\n',
+     "row 1: key 'chosen' is an empty response"),
+    (b'{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{"prompt": "1+1=", "chosen": "2", "rejected": 3}\n',
+     "key 'rejected' should be a string, found int"),
+], ids=["empty_file", "invalid_utf8", "truncated_json", "empty_response", "mixed_types"])
+def test_bad_data_file(tmp_path, content, match):
+    if b"\xff" in content:
+        assert content.index(b"\xff") == 64
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(content)
+    one_line_error(load_rows, str(path), match=match)
+
+
+def test_missing_data_file(tmp_path):
+    one_line_error(load_rows, str(tmp_path / "nope.jsonl"), match="does not exist")
+
+
+def test_bad_rows_skipped_and_counted(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "1+1=", "chosen": " ", "rejected": "3"},
+            {"prompt": "2+2=", "chosen": "4", "rejected": None}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out, skipped = load_rows(str(path), skip_bad_rows=True)
+    assert out == rows[:1]
+    assert skipped.reasons == {"key 'chosen' is an empty response": 1, "key 'rejected' missing": 1}

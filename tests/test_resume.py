@@ -1,0 +1,171 @@
+"""Exact resume: N iterations in one go equal k iterations + `--init_from=resume` to N (same logged metrics, the
+same final weights bit for bit), for sft.py and dpo.py; under DDP to within 1e-6; and a run killed with SIGKILL at
+any moment, even in the middle of writing a checkpoint, leaves a ckpt.pt that loads and resumes to the end.
+
+The reference is always an uninterrupted run of the real script, never the resume code path itself."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SFT_TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=8", "--n_eval=50", "--device=cpu",
+            "--log_interval=1"]
+# dropout > 0: the resumed run must also restore the RNG to draw the same dropout masks
+SFT_ARGS = SFT_TINY + ["--max_iters=8", "--dropout=0.1", "--eval_interval=4", "--checkpoint_interval=3",
+                       "--keep_last=10"]
+DPO_ARGS = ["--n_pairs=64", "--batch_size=8", "--max_iters=6", "--eval_interval=3", "--log_interval=1",
+            "--checkpoint_interval=2", "--keep_last=10", "--device=cpu"]
+
+
+def run_script(script, args, cwd, env, torchrun=False):
+    """Run one of the repo's scripts to completion (cwd = a temporary folder, so no default path points at
+    anything real); fail the test with its output if it fails."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun \
+        else [sys.executable]
+    proc = subprocess.run(launcher + [os.path.join(REPO, script)] + args, cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def prepare_resume(src_dir, dst_dir, k):
+    """A fresh out_dir holding the full run's checkpoint of iter k as ckpt.pt and its metrics before iter k, plus a
+    record from 'after the checkpoint' (as a killed run leaves) and a line cut short, which resume must drop."""
+    os.makedirs(dst_dir)
+    shutil.copy(os.path.join(src_dir, f"ckpt_{k:07d}.pt"), os.path.join(dst_dir, "ckpt.pt"))
+    kept = [r for r in read_metrics(src_dir) if r["iter"] < k]
+    assert kept  # otherwise the comparison below proves nothing about keeping records
+    with open(os.path.join(dst_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+        f.write(json.dumps({"iter": k + 1, "loss": 123.0}) + "\n" + '{"iter": ')
+
+
+def assert_same_final_state(full_dir, resumed_dir, atol=0.0):
+    a = torch.load(os.path.join(full_dir, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(resumed_dir, "ckpt.pt"), weights_only=True)
+    assert a["iter_num"] == b["iter_num"] and a["data_order"] == b["data_order"]
+    for name, p in a["model"].items():
+        if atol == 0.0:
+            assert torch.equal(p, b["model"][name]), name  # bit for bit
+        else:
+            torch.testing.assert_close(b["model"][name], p, rtol=0, atol=atol, msg=name)
+    for i, state in a["optimizer"]["state"].items():
+        for key, v in state.items():
+            torch.testing.assert_close(b["optimizer"]["state"][i][key], v, rtol=0, atol=atol)
+    if atol == 0.0:
+        assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+def assert_same_metrics(full_dir, resumed_dir, atol=0.0):
+    full, resumed = read_metrics(full_dir), read_metrics(resumed_dir)
+    assert [r["iter"] for r in full] == [r["iter"] for r in resumed]  # the garbage records are gone
+    for a, b in zip(full, resumed):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=0, abs=atol), (a["iter"], key)
+
+
+@pytest.fixture(scope="module")
+def sft_full(tmp_path_factory, script_env):
+    """The uninterrupted tiny SFT run (8 iters, checkpoints at 3 and 6 kept); its ckpt.pt also starts dpo.py."""
+    root = tmp_path_factory.mktemp("sft_full")
+    run_script("sft.py", SFT_ARGS + [f"--out_dir={root / 'out'}"], root, script_env)
+    return root / "out"
+
+
+def test_sft_resume_is_exact(sft_full, tmp_path, script_env):
+    resumed = tmp_path / "resumed"
+    prepare_resume(sft_full, resumed, 3)
+    out = run_script("sft.py", SFT_ARGS + [f"--out_dir={resumed}", "--init_from=resume"], tmp_path, script_env)
+    assert "from iter 3" in out
+    assert_same_metrics(sft_full, resumed)
+    assert_same_final_state(sft_full, resumed)
+
+
+def test_dpo_resume_is_exact(sft_full, tmp_path, script_env):
+    sft_ckpt = str(sft_full / "ckpt.pt")
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_script("dpo.py", DPO_ARGS + [f"--out_dir={full}", f"--sft_ckpt={sft_ckpt}"], tmp_path, script_env)
+    prepare_resume(full, resumed, 2)
+    # no --sft_ckpt: the reference must be rebuilt from the SFT checkpoint the run's own checkpoint names (the
+    # default path does not exist in this cwd)
+    out = run_script("dpo.py", DPO_ARGS + [f"--out_dir={resumed}", "--init_from=resume"], tmp_path, script_env)
+    assert "from iter 2" in out
+    assert_same_metrics(full, resumed)
+    assert_same_final_state(full, resumed)
+    # and the resumed run's checkpoints name it too, so it can be resumed once more
+    assert common.load_checkpoint(os.path.join(resumed, "ckpt.pt"))["config"]["sft_ckpt"] == sft_ckpt
+
+
+def test_sft_ddp_resume(tmp_path, script_env):
+    # 2 processes (gloo), 2 micro-batches per step: one each
+    args = SFT_TINY + ["--max_iters=5", "--dropout=0.1", "--eval_interval=100", "--checkpoint_interval=2",
+                       "--keep_last=10", "--gradient_accumulation_steps=2"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_script("sft.py", args + [f"--out_dir={full}"], tmp_path, script_env, torchrun=True)
+    prepare_resume(full, resumed, 2)
+    run_script("sft.py", args + [f"--out_dir={resumed}", "--init_from=resume"], tmp_path, script_env, torchrun=True)
+    assert_same_metrics(full, resumed, atol=1e-6)
+    assert_same_final_state(full, resumed, atol=1e-6)
+
+
+def test_sigkill_at_any_moment_leaves_a_resumable_checkpoint(tmp_path, script_env):
+    """Kill a run with a checkpoint every iter (SIGKILL: no handler runs) at seeded random moments, and the
+    moment a checkpoint's temporary file appears; each time ckpt.pt must load and the next run resumes from it."""
+    out = tmp_path / "out"
+    max_iters = 40
+    # a bigger model than the other tests: its ~3 MB checkpoint takes a few ms to write, a window to kill in
+    args = [sys.executable, os.path.join(REPO, "sft.py"), "--n_layer=2", "--n_head=2", "--n_embd=96",
+            "--batch_size=8", "--n_eval=20", "--device=cpu", "--log_interval=1", "--eval_interval=1000",
+            f"--max_iters={max_iters}", "--checkpoint_interval=1", f"--out_dir={out}"]
+    rng = random.Random(0)
+    last_iter, caught_mid_write = 0, 0
+    for attempt, moment in enumerate(["random", "during write", "random", "during write"]):
+        proc = subprocess.Popen(args + (["--init_from=resume"] if attempt else []), cwd=tmp_path, env=script_env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # wait for this process's first checkpoint write to begin (a new ckpt.pt.tmp.<pid> file)
+        tmp_name = f"ckpt.pt.tmp.{proc.pid}"
+        deadline = time.time() + 60
+        while not (out / tmp_name).exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline
+            time.sleep(0.0005)
+        if moment == "random":
+            time.sleep(rng.uniform(0.0, 0.3))
+        else:  # wait for the next write to begin after this one, and kill it at once
+            while (out / tmp_name).exists():
+                time.sleep(0.0002)
+            while not (out / tmp_name).exists() and proc.poll() is None:
+                time.sleep(0.0002)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed: make it longer"
+        caught_mid_write += (out / tmp_name).exists()  # the half-written file is still there
+        ckpt = common.load_checkpoint(str(out / "ckpt.pt"), tokenizer="byte")
+        assert last_iter <= ckpt["iter_num"] < max_iters
+        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+        last_iter = ckpt["iter_num"]
+    assert caught_mid_write >= 1, "no kill landed inside a checkpoint write"
+    # resume to the end: exit 0, the final iteration reached, every iteration logged exactly once
+    done = subprocess.run(args + ["--init_from=resume"], cwd=tmp_path, env=script_env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert common.load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == max_iters
+    assert [r["iter"] for r in read_metrics(out) if "loss" in r] == list(range(max_iters))
