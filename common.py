@@ -82,6 +82,11 @@ def check_config(cfg):
             raise UserError(f"{key}={cfg[key]!r} makes no sense: expected {expected}")
     if cfg.get("n_head", 0) >= 1 and cfg.get("n_embd", 0) % cfg.get("n_head", 1) != 0:
         raise UserError(f"n_embd={cfg['n_embd']} is not divisible by n_head={cfg['n_head']}")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun; checked before any process group exists
+    gas = cfg.get("gradient_accumulation_steps", 1)
+    if isinstance(gas, int) and gas >= 1 and gas % world_size != 0:
+        raise UserError(f"gradient_accumulation_steps={gas} is not divisible by the world size {world_size}: "
+                        "it counts micro-batches over all ranks, so the global batch is the same at any size")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -150,6 +155,9 @@ def all_reduce_sum(t, rt):
 
 def cleanup(rt):
     if rt.ddp:
+        # wait for rank 0's last checkpoint write: a rank that tears gloo down while another still uses it can
+        # abort at exit ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -238,15 +246,20 @@ def save_checkpoint(path, model, config, tokenizer, **extra):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, tokenizer=None):
+NOTHING_TO_RESUME = "nothing to resume: --out_dir must be the folder of the run to continue"
+
+
+def load_checkpoint(path, tokenizer=None, missing_hint="run sft.py first, or pass --sft_ckpt=..."):
     """Load a checkpoint onto the CPU (weights_only: a checkpoint cannot run code). Checks the format and, when
-    `tokenizer` is given, that the checkpoint was trained with it."""
+    `tokenizer` is given, that the checkpoint was trained with it. missing_hint: what to do when there is none."""
     if not os.path.exists(path):
-        raise UserError(f"checkpoint {path} does not exist (run sft.py first, or pass --sft_ckpt=...)")
+        raise UserError(f"checkpoint {path} does not exist ({missing_hint})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"checkpoint {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    except Exception as e:  # cut short, empty, or not a torch file at all (some errors have no message)
+        detail = (str(e).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"checkpoint {path} could not be read: empty, cut short or not a checkpoint "
+                        f"({type(e).__name__}: {detail})")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
         raise UserError(f"checkpoint {path} is not a checkpoint of this code (no 'model'/'model_args')")
     if ckpt.get("format_version") != CHECKPOINT_FORMAT:

@@ -119,7 +119,8 @@ if init_from == "scratch":
 else:
     if init_from == "resume":  # the run's own checkpoint names the SFT checkpoint its reference came from
         # (written back into config too: this run's checkpoints must name it for the next resume)
-        run_config = common.load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["config"]
+        run_config = common.load_checkpoint(os.path.join(out_dir, "ckpt.pt"),
+                                            missing_hint=common.NOTHING_TO_RESUME)["config"]
         if "sft_ckpt" not in run_config:
             raise UserError(f"{os.path.join(out_dir, 'ckpt.pt')} was not written by dpo.py (its config names no "
                             "sft_ckpt): point --out_dir at a dpo.py run to resume it")

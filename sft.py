@@ -119,7 +119,8 @@ order = BatchOrder(len(train_data), seed)
 start_iter = 0
 if init_from == "resume":  # continue the run in out_dir exactly where its last checkpoint left it
     path = os.path.join(out_dir, "ckpt.pt")
-    start_iter = common.resume_state(common.load_checkpoint(path, tokenizer), model, optimizer, order, scaler, path)
+    ckpt = common.load_checkpoint(path, tokenizer, missing_hint=common.NOTHING_TO_RESUME)
+    start_iter = common.resume_state(ckpt, model, optimizer, order, scaler, path)
     if rt.master:
         print(f"resuming {path} from iter {start_iter}")
 

@@ -1,5 +1,5 @@
 """
-What the notebooks share: finding the repo, the one short SFT checkpoint they all start from, running sft.py /
+What the notebooks share (they run from the repo root, with it and notebooks/ on sys.path): the one short SFT checkpoint they all start from, running sft.py /
 dpo.py as real subprocesses (a few at a time), and a Monte-Carlo estimate of KL(policy || reference).
 Each notebook prints the exact commands it runs, so everything here can be reproduced from a shell.
 """
@@ -11,25 +11,6 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def repo_root():
-    """The repository root (the folder holding dpo.py), found from the current folder or its parents; the
-    notebooks run from the repo root or from notebooks/, and chdir to the root so relative paths work."""
-    for p in [Path.cwd(), *Path.cwd().parents]:
-        if (p / "dpo.py").exists() and (p / "losses.py").exists():
-            return p
-    raise FileNotFoundError("run the notebook from the repository or its notebooks/ folder")
-
-
-def setup():
-    """chdir to the repo root and make its modules importable; returns the root."""
-    root = repo_root()
-    os.chdir(root)
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return root
-
 
 OUT = "out/notebooks"
 # The shared SFT model: the full recipe (`python sft.py`) runs 800 iterations; 500 is enough for a model that

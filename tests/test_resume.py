@@ -125,39 +125,50 @@ def test_sft_ddp_resume(tmp_path, script_env):
     assert_same_final_state(full, resumed, atol=1e-6)
 
 
+def wait_for_checkpoints(path, proc, n):
+    """Wait until the running script has replaced `path` n times (each os.replace brings a new inode/mtime)."""
+    def stamp():
+        try:
+            st = os.stat(path)
+            return st.st_ino, st.st_mtime_ns
+        except FileNotFoundError:
+            return None
+    last, seen, deadline = stamp(), 0, time.time() + 60
+    while seen < n:
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.0002)
+        now = stamp()
+        seen, last = seen + (now != last), now
+
+
 def test_sigkill_at_any_moment_leaves_a_resumable_checkpoint(tmp_path, script_env):
-    """Kill a run with a checkpoint every iter (SIGKILL: no handler runs) at seeded random moments, and the
-    moment a checkpoint's temporary file appears; each time ckpt.pt must load and the next run resumes from it."""
+    """Kill a run that checkpoints every iter (SIGKILL: no handler runs) at seeded random moments and the moment
+    a checkpoint's temporary file appears; each time ckpt.pt must load, and the next run resumes from it."""
     out = tmp_path / "out"
-    max_iters = 40
+    max_iters = 20
     # a bigger model than the other tests: its ~3 MB checkpoint takes a few ms to write, a window to kill in
     args = [sys.executable, os.path.join(REPO, "sft.py"), "--n_layer=2", "--n_head=2", "--n_embd=96",
             "--batch_size=8", "--n_eval=20", "--device=cpu", "--log_interval=1", "--eval_interval=1000",
             f"--max_iters={max_iters}", "--checkpoint_interval=1", f"--out_dir={out}"]
     rng = random.Random(0)
     last_iter, caught_mid_write = 0, 0
-    for attempt, moment in enumerate(["random", "during write", "random", "during write"]):
+    for attempt, moment in enumerate(["during write", "random", "during write"]):
         proc = subprocess.Popen(args + (["--init_from=resume"] if attempt else []), cwd=tmp_path, env=script_env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        # wait for this process's first checkpoint write to begin (a new ckpt.pt.tmp.<pid> file)
-        tmp_name = f"ckpt.pt.tmp.{proc.pid}"
-        deadline = time.time() + 60
-        while not (out / tmp_name).exists():
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.time() < deadline
-            time.sleep(0.0005)
-        if moment == "random":
-            time.sleep(rng.uniform(0.0, 0.3))
-        else:  # wait for the next write to begin after this one, and kill it at once
-            while (out / tmp_name).exists():
-                time.sleep(0.0002)
-            while not (out / tmp_name).exists() and proc.poll() is None:
+        tmp = out / f"ckpt.pt.tmp.{proc.pid}"  # save_checkpoint's temporary file
+        # a ckpt.pt of this run's first (the first run: second) checkpoint, then a few more at random
+        wait_for_checkpoints(out / "ckpt.pt", proc, (attempt == 0) + rng.randint(1, 3))
+        if moment == "random":  # anywhere in the next iteration (each takes tens of ms)
+            time.sleep(rng.uniform(0.0, 0.03))
+        else:  # the moment the next write begins
+            while not tmp.exists() and proc.poll() is None:
                 time.sleep(0.0002)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stderr.close()
         assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed: make it longer"
-        caught_mid_write += (out / tmp_name).exists()  # the half-written file is still there
+        caught_mid_write += tmp.exists()  # the half-written file is still there
         ckpt = common.load_checkpoint(str(out / "ckpt.pt"), tokenizer="byte")
         assert last_iter <= ckpt["iter_num"] < max_iters
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
