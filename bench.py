@@ -288,13 +288,13 @@ def time_kinds():
     steps train the same policy; each kind has its own AdamW state."""
     policy.load_state_dict(initial_state)
     optimizers = {k: common.configure_optimizer(policy, 0.1, 1e-5, (0.9, 0.99), rt.device_type) for k in KINDS}
-    times, faults = {k: [] for k in KINDS}, {k: [] for k in KINDS}
+    times, cpu_times, faults = {k: [] for k in KINDS}, {k: [] for k in KINDS}, {k: [] for k in KINDS}
     for i in range(warmup + steps):
         for j in range(len(KINDS)):
             kind = KINDS[(i + j) % len(KINDS)]
             loss_fn, batch, optimizer = STEPS[kind][0], STEPS[kind][1], optimizers[kind]
             sync()
-            f0, t0 = minor_faults(), time.perf_counter()
+            f0, c0, t0 = minor_faults(), time.process_time(), time.perf_counter()
             with rt.autocast():
                 loss = loss_fn(batch)
             loss.backward()
@@ -304,11 +304,12 @@ def time_kinds():
             sync()
             if i >= warmup:
                 times[kind].append((time.perf_counter() - t0) * 1000)
+                cpu_times[kind].append((time.process_time() - c0) * 1000)
                 faults[kind].append(minor_faults() - f0)
-    return times, faults
+    return times, cpu_times, faults
 
 
-all_times, all_faults = time_kinds()
+all_times, all_cpu_times, all_faults = time_kinds()
 results = {}
 for kind in KINDS:
     _, _, rows, T, examples, train_tokens, ref_tokens = STEPS[kind]
@@ -321,6 +322,7 @@ for kind in KINDS:
         "ms_per_example": ms / examples, "tokens_per_s": train_tokens / ms * 1000,
         "flops_per_step": flops, "flops_per_example": flops / examples, "flops_per_s": flops / ms * 1000,
         "mfu": flops / ms * 1000 / peak if peak else None, "collate_ms": COLLATE_MS[kind],
+        "cpu_ms_per_step": statistics.median(all_cpu_times[kind]),  # all threads; near threads x ms when quiet
         "page_faults_per_step": statistics.median(all_faults[kind])}
 
 # per example: DPO per pair against SFT per sequence, time next to FLOPs (16/6 live, 12/6 precomputed when plain)

@@ -101,6 +101,7 @@ class Runtime:
     rank: int
     local_rank: int
     world_size: int
+    fsdp: bool = False     # models sharded with FSDP2: every rank must run every forward (see evaluate_task)
 
     @property
     def master(self):
@@ -112,7 +113,7 @@ class Runtime:
         return torch.autocast(device_type=self.device_type, dtype=getattr(torch, self.dtype))
 
 
-def setup_runtime(device="auto", dtype="auto", seed=1):
+def setup_runtime(device="auto", dtype="auto", seed=1, fsdp=False):
     """Pick the device (torchrun's env vars mean DDP: gloo on CPU, nccl on CUDA) and seed every RNG.
     All ranks use the same seed, so they build identical models; they read different data slices."""
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -128,6 +129,8 @@ def setup_runtime(device="auto", dtype="auto", seed=1):
     if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
         raise UserError(f"device '{device}' does not exist: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     rank, local_rank, world_size = 0, 0, 1
+    if fsdp and not ddp:
+        raise UserError("fsdp=True shards the model over several processes: launch with torchrun")
     if ddp:
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
@@ -144,7 +147,7 @@ def setup_runtime(device="auto", dtype="auto", seed=1):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return Runtime(device, device_type, dtype, ddp, rank, local_rank, world_size)
+    return Runtime(device, device_type, dtype, ddp, rank, local_rank, world_size, fsdp)
 
 
 def all_reduce_sum(t, rt):
@@ -161,9 +164,24 @@ def cleanup(rt):
         dist.destroy_process_group()
 
 
+def shard(model):
+    """FSDP2: each transformer block, then the whole model, keeps 1/world_size of its parameters per rank and
+    all-gathers them just for its forward and backward. Modifies `model` in place (its parameters become
+    DTensors), so build the optimizer after this."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)  # the embeddings, ln_f and the tied lm_head
+    return model
+
+
 def prepare_for_training(model, rt, compile_model):
-    """torch.compile (optional) and DDP-wrap the model being trained; returns the module to call in training.
-    The plain `model` stays usable for evaluation, generation and saving (they share parameters)."""
+    """FSDP2-shard or DDP-wrap the model being trained, and torch.compile it (optional); returns the module to
+    call in training. The plain `model` stays usable for evaluation, generation and saving (they share
+    parameters). Under DDP only this model is wrapped: a reference has no gradients to synchronise."""
+    if rt.fsdp:
+        shard(model)
+        return torch.compile(model, dynamic=False) if compile_model else model
     train_model = torch.compile(model, dynamic=False) if compile_model else model
     if rt.ddp:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -226,16 +244,26 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
-def save_checkpoint(path, model, config, tokenizer, **extra):
+def full_state_dict(model, rt):
+    """The model's complete weights on every rank: FSDP2 gathers its shards (a collective every rank must
+    join), otherwise the plain state_dict."""
+    if not rt.fsdp:
+        return unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(path, model, config, tokenizer, model_state=None, **extra):
     """Write a checkpoint atomically: a temporary file in the same folder, flushed to disk, then os.replace, so
     an interrupted write never leaves a half-written ckpt.pt behind. Holds the model's weights and shape, the
     run's config, the tokenizer's name and the format version, plus whatever the caller adds (iter_num,
     optimizer state, data position, ...)."""
     raw = unwrap(model)
-    for name, p in raw.state_dict().items():
+    model_state = raw.state_dict() if model_state is None else model_state
+    for name, p in model_state.items():
         if not torch.isfinite(p).all():
             raise UserError(f"refusing to save {path}: parameter '{name}' is not finite")
-    ckpt = {"format_version": CHECKPOINT_FORMAT, "model": raw.state_dict(), "model_args": asdict(raw.config),
+    ckpt = {"format_version": CHECKPOINT_FORMAT, "model": model_state, "model_args": asdict(raw.config),
             "config": config, "tokenizer": tokenizer, **extra}
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -337,18 +365,22 @@ class MetricLogger:
 def evaluate_task(model, task, tok, rt, batch_size=500):
     """Held-out exact-match accuracy (0-1) of greedy completions of task.eval_prompts, checked by
     task.is_correct. Under DDP each rank takes every world_size-th prompt and the counts are summed, so no
-    rank waits on another's share."""
+    rank waits on another's share. Under FSDP2 every forward is a collective, so every rank generates for every
+    prompt instead (identical weights and inputs give identical outputs and the same number of steps)."""
     raw = unwrap(model)
     was_training = raw.training
     raw.eval()
-    prompts = task.eval_prompts[rt.rank::rt.world_size]
+    rank, world = (0, 1) if rt.fsdp else (rt.rank, rt.world_size)
+    prompts = task.eval_prompts[rank::world]
     correct = 0
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         with rt.autocast():
             outs = raw.generate([tok.encode(p) for p in chunk], task.max_new_tokens, tok.eos_id, tok.pad_id)
         correct += sum(task.is_correct(p, tok.decode(o)) for p, o in zip(chunk, outs))
-    counts = all_reduce_sum(torch.tensor([correct, len(prompts)], dtype=torch.float64, device=rt.device), rt)
+    counts = torch.tensor([correct, len(prompts)], dtype=torch.float64, device=rt.device)
+    if not rt.fsdp:
+        counts = all_reduce_sum(counts, rt)
     raw.train(was_training)
     return (counts[0] / counts[1]).item()
 
@@ -408,15 +440,22 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resume_state(ckpt, model, optimizer, order, scaler=None, path="checkpoint"):
+def resume_state(ckpt, model, optimizer, order, scaler=None, path="checkpoint", rt=None):
     """Load a training checkpoint's weights, optimizer, data position and RNG into a freshly built run;
     returns the iteration to continue from. Call it last, just before train_loop, so nothing set up after it
     draws from the restored RNGs."""
     for key in ("optimizer", "iter_num", "data_order", "rng"):
         if key not in ckpt:
             raise UserError(f"{path} cannot be resumed: it has no '{key}' (was it written by an older version?)")
-    load_state_strict(unwrap(model), ckpt["model"], path)
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if rt is not None and rt.fsdp:  # full tensors in the file; each rank keeps its shards
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(unwrap(model), ckpt["model"], options=options)
+        set_optimizer_state_dict(unwrap(model), optimizer, ckpt["optimizer"], options=options)
+    else:
+        load_state_strict(unwrap(model), ckpt["model"], path)
+        optimizer.load_state_dict(ckpt["optimizer"])
     order.load_state_dict(ckpt["data_order"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
@@ -424,14 +463,22 @@ def resume_state(ckpt, model, optimizer, order, scaler=None, path="checkpoint"):
     return ckpt["iter_num"]
 
 
-def save_training_checkpoint(cfg, iter_num, model, optimizer, order, scaler, tokenizer, results, extra):
-    """out_dir/ckpt.pt always holds the newest checkpoint; with keep_last > 1 the newest K are also kept as
-    ckpt_<iter>.pt (hard links, so no second copy is written)."""
+def save_training_checkpoint(cfg, iter_num, model, optimizer, order, scaler, tokenizer, results, extra, rt):
+    """Rank 0 writes out_dir/ckpt.pt, which always holds the newest checkpoint; with keep_last > 1 the newest K
+    are also kept as ckpt_<iter>.pt (hard links, so no second copy is written). Every rank calls this: under
+    FSDP2 the full weights and optimizer state are gathered from all of them."""
+    model_state, optim_state = full_state_dict(model, rt), optimizer.state_dict()
+    if rt.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        optim_state = get_optimizer_state_dict(unwrap(model), optimizer,
+                                               options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not rt.master:
+        return
     out_dir = cfg["out_dir"]
     path = os.path.join(out_dir, "ckpt.pt")
-    state = dict(iter_num=iter_num, optimizer=optimizer.state_dict(), data_order=order.state_dict(),
+    state = dict(iter_num=iter_num, optimizer=optim_state, data_order=order.state_dict(),
                  rng=rng_state(), scaler=scaler.state_dict() if scaler.is_enabled() else None, **results, **extra)
-    save_checkpoint(path, model, cfg, tokenizer, **state)
+    save_checkpoint(path, model, cfg, tokenizer, model_state=model_state, **state)
     keep = cfg.get("keep_last", 1)
     if keep > 1:
         numbered = os.path.join(out_dir, f"ckpt_{iter_num:07d}.pt")
@@ -470,9 +517,8 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
     results, t0, tokens, iters_timed, nonfinite_run, nonfinite_total = {}, time.time(), 0, 0, 0, 0
 
     def checkpoint(iter_num):
-        if rt.master:
-            save_training_checkpoint(cfg, iter_num, model, optimizer, order, scaler, tokenizer, results,
-                                     dict(ckpt_extra or {}, nonfinite_skipped=nonfinite_total))
+        save_training_checkpoint(cfg, iter_num, model, optimizer, order, scaler, tokenizer, results,
+                                 dict(ckpt_extra or {}, nonfinite_skipped=nonfinite_total), rt)
 
     for iter_num in range(start_iter, max_iters + 1):
         is_eval = iter_num % cfg["eval_interval"] == 0 or iter_num == max_iters
@@ -498,7 +544,9 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
         for micro_step in range(local_steps):
             j = rt.rank * local_steps + micro_step
             batch = make_batch(step_indices[j * B:(j + 1) * B])
-            if rt.ddp:  # sync gradients only on the last micro-step
+            if rt.fsdp:  # reduce-scatter gradients only on the last micro-step
+                unwrap(model).set_requires_gradient_sync(micro_step == local_steps - 1)
+            elif rt.ddp:  # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = micro_step == local_steps - 1
             with rt.autocast():
                 loss, metrics = compute_loss(batch)
@@ -508,6 +556,8 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
             tokens += batch["n_tokens"]
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm over every rank's shards, as a DTensor
+            grad_norm = grad_norm.full_tensor()
         # one decision for every rank: losses are all-reduced here, gradients already were by DDP
         loss_sum = all_reduce_sum(sums[:1].clone(), rt)
         finite = bool(torch.isfinite(loss_sum).all() and (scaler.is_enabled() or torch.isfinite(grad_norm)))

@@ -667,7 +667,16 @@ def _load_dataset(path_or_name, split):
                                 "give held-out rows as a file of their own")
             if ext != ".parquet":
                 _check_text_file(path_or_name)
-            return datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files=path_or_name, split="train")
+            # a local file loads in moments: no progress bar, and no logged error beside our one line on stderr
+            bars, level = not datasets.are_progress_bars_disabled(), datasets.logging.get_verbosity()
+            datasets.disable_progress_bars()
+            datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+            try:
+                return datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files=path_or_name, split="train")
+            finally:
+                datasets.logging.set_verbosity(level)
+                if bars:
+                    datasets.enable_progress_bars()
         if os.path.isdir(path_or_name):
             return datasets.load_dataset(path_or_name, split=split)
         name, _, config = path_or_name.partition(":")

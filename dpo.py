@@ -34,6 +34,7 @@ seed = 1
 device = "auto"
 dtype = "auto"
 compile = False
+fsdp = False              # torchrun only: shard parameters, gradients and optimizer state with FSDP2
 eval_interval = 50
 log_interval = 10
 checkpoint_interval = 0
@@ -107,7 +108,7 @@ if loss_type == "kto" and batch_size < 2:
     raise UserError("kto needs batch_size >= 2: its KL estimate pairs each prompt with another row's completion")
 
 t_start = time.time()
-rt = common.setup_runtime(device, dtype, seed)
+rt = common.setup_runtime(device, dtype, seed, fsdp)
 
 # 1. the models: policy = the SFT model (or a fresh one), reference = a frozen copy of it
 if init_from == "scratch":
@@ -237,15 +238,19 @@ if precompute_ref and reference is not None:
     if rt.master:
         print(f"precomputed reference log-probs for {len(train_data)} + {len(eval_data)} pairs; reference freed")
 
-optimizer = common.configure_optimizer(policy, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
 train_model = common.prepare_for_training(policy, rt, compile)  # only the policy is DDP-wrapped
-ref_model = torch.compile(reference, dynamic=False) if compile and reference is not None else reference
+optimizer = common.configure_optimizer(policy, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+ref_model = reference
+if reference is not None and fsdp:  # sharded too: the point of FSDP is two models that do not fit one GPU
+    common.shard(reference)
+if reference is not None and compile:  # compiled on its own: it only ever runs forward under no_grad
+    ref_model = torch.compile(reference, dynamic=False)
 scaler = common.grad_scaler(rt)
 order = BatchOrder(len(train_data), seed)
 start_iter = 0
 if init_from == "resume":
     path = os.path.join(out_dir, "ckpt.pt")
-    start_iter = common.resume_state(common.load_checkpoint(path, tok.name), policy, optimizer, order, scaler, path)
+    start_iter = common.resume_state(common.load_checkpoint(path, tok.name), policy, optimizer, order, scaler, path, rt)
     if rt.master:
         print(f"resuming {path} from iter {start_iter}")
 if rt.master:

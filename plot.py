@@ -16,9 +16,7 @@ import os
 import sys
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only: no display needed (servers, CI, notebooks' subprocesses)
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 DPI = 90  # small PNGs that still read well on GitHub
 
@@ -101,6 +99,9 @@ def main(argv=None):
                                       "out/plots for several)")
     parser.add_argument("--prefix", default="", help="prepended to every file name, e.g. dpo_")
     args = parser.parse_args(argv)
+    # files only, no display needed (servers, CI). Set here, not at import, so that a notebook importing
+    # load_metrics keeps its inline backend.
+    matplotlib.use("Agg")
     runs = []
     for run_dir in args.runs:
         path = os.path.join(run_dir, "metrics.jsonl")

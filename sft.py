@@ -30,6 +30,7 @@ seed = 1
 device = "auto"           # 'auto' = cuda if available, else cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"            # 'auto' = bfloat16 on CUDA when supported, else float32; or 'float32', 'bfloat16'
 compile = False           # torch.compile the model (costs ~30 s up front on a CPU for a small speed-up)
+fsdp = False              # torchrun only: shard parameters, gradients and optimizer state with FSDP2
 eval_interval = 200
 log_interval = 50
 init_from = "scratch"     # 'scratch', 'resume' (continue from out_dir/ckpt.pt exactly), or GPT-2 weights:
@@ -77,7 +78,7 @@ common.check_config(config)  # nonsense values (batch_size=0, ...) stop here, in
 # -----------------------------------------------------------------------------------------------------------
 
 t_start = time.time()
-rt = common.setup_runtime(device, dtype, seed)
+rt = common.setup_runtime(device, dtype, seed, fsdp)
 tok = Tokenizer(tokenizer)
 
 # the demonstrations, as token ids: the embedded task's imperfect ones, or a dataset's
@@ -112,15 +113,15 @@ else:
     raise UserError(f"unknown init_from '{init_from}': expected 'scratch', 'resume' or a GPT-2 name ('gpt2', ...)")
 if rt.master:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters")
-optimizer = common.configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
 train_model = common.prepare_for_training(model, rt, compile)
+optimizer = common.configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
 scaler = common.grad_scaler(rt)
 order = BatchOrder(len(train_data), seed)
 start_iter = 0
 if init_from == "resume":  # continue the run in out_dir exactly where its last checkpoint left it
     path = os.path.join(out_dir, "ckpt.pt")
     ckpt = common.load_checkpoint(path, tokenizer, missing_hint=common.NOTHING_TO_RESUME)
-    start_iter = common.resume_state(ckpt, model, optimizer, order, scaler, path)
+    start_iter = common.resume_state(ckpt, model, optimizer, order, scaler, path, rt)
     if rt.master:
         print(f"resuming {path} from iter {start_iter}")
 

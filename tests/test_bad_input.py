@@ -5,7 +5,6 @@ loading and checking functions in-process, where a subprocess would only add sec
 The subprocesses run concurrently (a few at a time) from one fixture, so the file stays within its time budget."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import torch
 
 import common
 from configurator import apply_overrides
-from data import BatchOrder, Tokenizer, UserError, encode_pair_rows, encode_sft_rows, load_rows
+from data import BatchOrder, UserError, encode_pair_rows, encode_sft_rows, load_rows
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +41,11 @@ SCRIPT_CASES = [
     ("resume_other_architecture", "sft.py", SFT_TINY[:2] + SFT_TINY[3:] + ["--n_embd=64", "--init_from=resume",
                                                                           "--out_dir={d}/run"], "has shape"),
     ("dpo_resume_of_sft_run", "dpo.py", ["--init_from=resume", "--out_dir={d}/run"], "not written by dpo.py"),
+    # data files: the loader's own error and progress output must not reach the user beside the one line
+    ("dataset_not_utf8", "sft.py", ["--dataset={d}/not_utf8.jsonl", "--eval_split="],
+     "not_utf8.jsonl is not UTF-8 text: invalid byte at offset 51"),
+    ("dataset_truncated_json", "dpo.py", ["--dataset={d}/truncated.jsonl", "--init_from=scratch", "--loss_type=orpo"],
+     "JSON parse error"),
     ("kto_batch_size_1", "dpo.py", ["--loss_type=kto", "--batch_size=1"], "kto needs batch_size >= 2"),
     ("kto_precompute_ref", "dpo.py", ["--loss_type=kto", "--precompute_ref=True"],
      "precompute_ref is not available for kto"),
@@ -70,6 +74,8 @@ def make_files(d):
         data = f.read()
     with open(d / "half.pt", "wb") as f:
         f.write(data[:len(data) // 2])
+    (d / "not_utf8.jsonl").write_bytes(b'{"prompt": "1+1=", "completion": "2"}\n{"prompt": "a\xff", "completion": "3"}\n')
+    (d / "truncated.jsonl").write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{"prompt": "1+1=", "chos')
     # model_args of one shape, weights of another (n_embd 32 vs 64)
     ckpt = common.load_checkpoint(str(d / "run" / "ckpt.pt"))
     ckpt["model"] = GPT(GPTConfig(**dict(TINY, n_embd=64))).state_dict()

@@ -1,5 +1,5 @@
-"""DDP is world-size invariant: 2 processes (torchrun, gloo) log the same losses as 1 process with twice the
-gradient accumulation; uneven held-out shards do not hang; torch.compile trains without recompiling after the
+"""DDP (and FSDP2) are world-size invariant: 2 processes (torchrun, gloo) log the same losses as 1 process with
+twice the gradient accumulation; uneven held-out shards do not hang; torch.compile trains without recompiling after the
 first step."""
 
 import json
@@ -54,6 +54,10 @@ def ddp_runs(tmp_path_factory, repo_root, script_env):
                                          f"--sft_ckpt={root / 'sft_one' / 'ckpt.pt'}", f"--out_dir={dpo_dir}"],
                                         repo_root, script_env, nproc)
         out[f"sft_{name}"], out[f"dpo_{name}"] = str(sft_dir), str(dpo_dir)
+    # FSDP2: policy and reference sharded over the 2 processes
+    out["dpo_fsdp"] = str(root / "dpo_fsdp")
+    run(["dpo.py", *TINY_DPO, "--gradient_accumulation_steps=2", "--fsdp=True",
+         f"--sft_ckpt={root / 'sft_one' / 'ckpt.pt'}", f"--out_dir={out['dpo_fsdp']}"], repo_root, script_env, 2)
     return out
 
 
@@ -64,6 +68,16 @@ def test_sft_two_processes_equal_one_with_twice_the_accumulation(ddp_runs):
 def test_dpo_two_processes_equal_one_with_twice_the_accumulation(ddp_runs):
     assert_same_losses(ddp_runs["dpo_one"], ddp_runs["dpo_two"],
                        ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "grad_norm"])
+
+
+def test_fsdp_dpo_equals_one_process(ddp_runs):
+    assert_same_losses(ddp_runs["dpo_one"], ddp_runs["dpo_fsdp"],
+                       ["loss", "rewards/chosen", "rewards/rejected", "grad_norm"])
+    import torch
+    one = torch.load(os.path.join(ddp_runs["dpo_one"], "ckpt.pt"), weights_only=True)["model"]
+    sharded = torch.load(os.path.join(ddp_runs["dpo_fsdp"], "ckpt.pt"), weights_only=True)["model"]
+    assert one.keys() == sharded.keys()  # the gathered checkpoint is a plain, complete state dict
+    assert max((one[k] - sharded[k]).abs().max().item() for k in one) < 1e-5
 
 
 def test_uneven_eval_shards_finish_and_agree(ddp_runs):
