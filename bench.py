@@ -347,6 +347,12 @@ for kind in KINDS:
 print("ms/ex: per pair for DPO, per sequence for SFT; t/SFT, F/SFT: time and FLOPs per example over SFT's "
       "(16/6 = 2.67 live, 12/6 = 2.00 precomputed); t/F: their quotient; speedup: per pair vs dpo_live; "
       "collate: host time to build the batch (not in ms/step); faults: minor page faults per step")
+busy = statistics.fmean(results[k]["cpu_ms_per_step"] / (torch.get_num_threads() * results[k]["ms_per_step"])
+                       for k in KINDS)
+if rt.device_type == "cpu":
+    # on a quiet machine every thread computes all the time (share ~1); far below, other processes took the cores
+    print(f"cpu share: the process used {busy:.0%} of {torch.get_num_threads()} threads x wall time"
+          f"{' -- the machine is busy, times are inflated: rerun on a quiet machine' if busy < 0.85 else ''}")
 print(f"fastest DPO configuration: {fastest}, {results[fastest]['speedup_vs_dpo_live']:.2f}x faster per pair "
       f"than dpo_live")
 
@@ -377,7 +383,7 @@ report = {
             else platform.processor() or platform.machine(), "dtype": rt.dtype, "compile": compile,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "malloc": {k: os.environ.get(k) for k in MALLOC_ENV}},
-    "peak_flops": peak, "peak_note": peak_note,
+    "peak_flops": peak, "peak_note": peak_note, "cpu_share": busy if rt.device_type == "cpu" else None,
     "steps": results, "fastest_dpo": fastest,
     "fastest_dpo_speedup_vs_dpo_live": results[fastest]["speedup_vs_dpo_live"],
     "loss_agreement": agreement,

@@ -4,6 +4,7 @@ checkpoint save and load, metric logging, task evaluation and the training loop 
 makes it different (its data and its loss) and reads top to bottom like nanoGPT's train.py.
 """
 
+import glob
 import json
 import math
 import os
@@ -265,7 +266,10 @@ def save_checkpoint(path, model, config, tokenizer, model_state=None, **extra):
             raise UserError(f"refusing to save {path}: parameter '{name}' is not finite")
     ckpt = {"format_version": CHECKPOINT_FORMAT, "model": model_state, "model_args": asdict(raw.config),
             "config": config, "tokenizer": tokenizer, **extra}
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    for stale in glob.glob(glob.escape(path) + ".tmp.*"):  # left by a run killed mid-write: never a checkpoint
+        os.remove(stale)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
         torch.save(ckpt, f)
@@ -357,6 +361,8 @@ class MetricLogger:
 
     def log(self, record):
         if self.rt.master:
+            # a skipped non-finite step logs null, not NaN: strict JSON readers reject NaN
+            record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 

@@ -36,8 +36,9 @@ def sequence_logprobs(token_logps, mask):
     token_logps, mask: (B, T). Returns (logps, n_tokens), both (B,): logps is the summed log-prob,
     n_tokens how many tokens it sums (float). Divide them for the per-token average; an empty mask gives
     logps 0 and n_tokens 0, so callers clamp n_tokens before dividing."""
-    mask = mask.to(token_logps.dtype)
-    return (token_logps * mask).sum(-1), mask.sum(-1)
+    keep = mask.bool()
+    # where, not multiply: a -inf log-prob at a masked (padding) position must not turn the sum into NaN
+    return torch.where(keep, token_logps, torch.zeros_like(token_logps)).sum(-1), keep.to(token_logps.dtype).sum(-1)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
