@@ -19,8 +19,9 @@ import torch
 
 import common
 from configurator import apply_overrides
-from data import (AdditionTask, AnswerTask, BatchOrder, Tokenizer, UserError, collate, collate_pairs, dataset_kind,
-                  encode_pair_rows, encode_sft_rows, load_splits)
+from data import (AdditionTask, AnswerTask, BatchOrder, Tokenizer, UserError, collate, collate_pairs,
+                  collate_prefix_shared, dataset_kind, encode_pair_rows, encode_sft_rows, load_splits,
+                  prefix_shared_logps)
 from losses import (average_logprobs, dpo_loss, hinge_loss, ipo_loss, kto_loss, kto_mismatched_indices,
                     orpo_loss, sequence_logprobs, sft_loss, simpo_loss)
 from model import GPT, GPTConfig, logprobs_from_logits
@@ -51,6 +52,7 @@ undesirable_weight = 1.0
 reference_free = False    # dpo/ipo/hinge against a uniform reference (reference log-probs 0): no reference model
 rpo_alpha = 0.0           # > 0: add rpo_alpha * NLL of the chosen response to a pairwise loss (RPO)
 precompute_ref = False    # one no-grad pass computes the reference log-probs, then the reference is freed
+prefix_sharing = False    # one row [prompt | chosen | rejected] per pair: the shared prompt is computed once
 # data: the embedded task (default), or a dataset (README: "Your own data")
 dataset = ""              # '' = pairs built on the embedded task; else a hub name or a local .jsonl/.json/.parquet
                           # of pairs (trl, hh, ultrafeedback, ...), unpaired kto rows, or solutions (gsm8k)
@@ -202,7 +204,15 @@ if loss_type == "kto":
 
 
 def concatenated_logps(model, pairs):
-    """One forward over chosen and rejected together (2B rows) -> summed log-probs and token counts, (B,) each."""
+    """One forward over chosen and rejected together (2B rows) -> summed log-probs and token counts, (B,) each.
+    With prefix_sharing, one packed row [prompt | chosen | rejected] per pair instead (B rows, the prompt run
+    once; data.collate_prefix_shared draws the mask that keeps the branches apart): the same log-probs."""
+    if prefix_sharing:
+        T = max(len(p) + len(c) + len(r) - 2 for p, c, r in pairs)
+        batch = {k: v.to(rt.device) for k, v in collate_prefix_shared(
+            pairs, tok.pad_id, common.padded_length(T, 2 * block_size, compile)).items()}
+        logits, _ = model(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"])
+        return prefix_shared_logps(logits, batch)
     T = max(len(p) + max(len(c), len(r)) for p, c, r in pairs) - 1
     idx, targets, mask = collate_pairs(pairs, tok.pad_id, common.padded_length(T, block_size, compile))
     logits, _ = model(idx.to(rt.device))
@@ -351,7 +361,9 @@ def evaluate():
 results = common.train_loop(rt, train_model, optimizer, config, order, make_batch, compute_loss, evaluate,
                             describe, tok.name, start_iter, scaler, ckpt_extra={"sft_ckpt": sft_ckpt})
 if rt.master:
-    start = f"{start_accuracy:.1%} (SFT) -> " if start_accuracy is not None and task is not None else ""
-    print(f"{loss_type.upper()} done: held-out {start}{common.summary(results)} in {time.time() - t_start:.0f} s "
+    summary = common.summary(results)
+    if start_accuracy is not None and "task_accuracy" in results:  # "task_accuracy 45.3% (SFT) -> 79.3%, ..."
+        summary = f"task_accuracy {start_accuracy:.1%} (SFT) -> " + summary[len("task_accuracy "):]
+    print(f"{loss_type.upper()} done: held-out {summary} in {time.time() - t_start:.0f} s "
           f"-> {os.path.join(out_dir, 'ckpt.pt')}")
 common.cleanup(rt)

@@ -141,8 +141,8 @@ class GPT(nn.Module):
         Returns (logits, loss): logits (B, T, V), or (B, 1, V) with last_only; loss is the mean
         cross-entropy over targets != -1 when targets are given, else None."""
         B, T = idx.size()
-        assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
-        if pos is None:
+        if pos is None:  # (a packed, prefix-shared row may be longer than block_size: its positions are not)
+            assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
             pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:

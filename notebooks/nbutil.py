@@ -20,9 +20,9 @@ SFT_ARGS = {"max_iters": 500, "n_eval": 500, "eval_interval": 100, "log_interval
 SFT_DIR = f"{OUT}/sft"
 
 
-def command(script, args):
-    """['python', script, '--k=v', ...] for a settings dict."""
-    return [sys.executable, script] + [f"--{k}={v}" for k, v in args.items()]
+def command(scripts, args):
+    """[python, 'dpo.py', 'config/ipo.py', '--k=v', ...]: a script (and config files), then the settings."""
+    return [sys.executable, *scripts] + [f"--{k}={v}" for k, v in args.items()]
 
 
 def show(cmd):
@@ -47,7 +47,7 @@ def ensure_sft():
             return path
     except UserError:  # missing, unreadable or of an older format: train it again
         pass
-    run_all({"sft": ("sft.py", dict(SFT_ARGS, out_dir=SFT_DIR))})
+    run_all({"sft": (["sft.py"], dict(SFT_ARGS, out_dir=SFT_DIR))})
     return path
 
 
@@ -57,16 +57,16 @@ def parallel_lanes():
 
 
 def run_all(jobs, lanes=None):
-    """jobs: {name: (script, settings)}; runs them as subprocesses, `lanes` at a time, each logging to its
-    out_dir/log.txt. Prints each command and its last line; a failed run raises with the end of its log."""
+    """jobs: {name: ([script, config files...], settings)}, settings holding out_dir at least; runs them as
+    subprocesses, `lanes` at a time, each logging to its out_dir/log.txt. Prints each command and its last line; a failed run raises with the end of its log."""
     lanes = lanes or parallel_lanes()
     pending, running = list(jobs.items()), []
     t0 = time.time()
     while pending or running:
         while pending and len(running) < lanes:
-            name, (script, args) = pending.pop(0)
+            name, (scripts, args) = pending.pop(0)
             os.makedirs(args["out_dir"], exist_ok=True)
-            cmd = command(script, args)
+            cmd = command(scripts, args)
             print("$ " + show(cmd), flush=True)
             log = open(os.path.join(args["out_dir"], "log.txt"), "w")
             running.append((name, args, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env()), log))

@@ -1,0 +1,127 @@
+"""dpo.py's options end to end, run in-process (runpy) on a tiny SFT checkpoint: every --loss_type trains, the
+reference-free losses allocate one model only, and the precomputed reference and prefix sharing log the same
+losses as the plain live-reference run."""
+
+import gc
+import json
+import math
+import os
+import runpy
+import sys
+import warnings
+
+import pytest
+import torch
+
+from model import GPT
+
+SFT = ["--n_layer=1", "--n_head=2", "--n_embd=48", "--max_iters=120", "--batch_size=32", "--learning_rate=3e-3",
+       "--warmup_iters=10", "--eval_interval=120", "--log_interval=40", "--n_eval=100"]
+DPO = ["--max_iters=6", "--batch_size=16", "--eval_interval=6", "--log_interval=1", "--n_pairs=96", "--n_samples=1",
+       "--learning_rate=1e-3", "--min_lr=1e-3"]
+
+
+def run_script(repo_root, script, args):
+    """Run a script as `python script args` would, in this process; returns its globals."""
+    argv, cwd = sys.argv, os.getcwd()
+    sys.argv = [script] + args
+    os.chdir(repo_root)
+    try:
+        return runpy.run_path(os.path.join(repo_root, script), run_name="__main__")
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(tmp_path_factory, repo_root):
+    out = tmp_path_factory.mktemp("sft")
+    run_script(repo_root, "sft.py", SFT + [f"--out_dir={out}"])
+    return str(out / "ckpt.pt")
+
+
+def dpo(repo_root, sft_ckpt, out_dir, *extra):
+    return run_script(repo_root, "dpo.py", DPO + [f"--sft_ckpt={sft_ckpt}", f"--out_dir={out_dir}", *extra])
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "hinge", "simpo", "orpo", "kto", "sft"])
+def test_every_loss_type_trains(loss_type, repo_root, sft_ckpt, tmp_path):
+    extra = ["--beta=2.0"] if loss_type == "simpo" else []
+    dpo(repo_root, sft_ckpt, tmp_path, f"--loss_type={loss_type}", *extra)
+    values = losses(tmp_path)
+    assert len(values) == 6 and all(math.isfinite(v) for v in values)
+    assert values[-1] < values[0], values  # six steps at a high learning rate lower every one of these losses
+    if loss_type == "dpo":
+        assert abs(values[0] - math.log(2)) < 1e-6
+    if loss_type == "kto":
+        assert abs(values[0] - 0.5) < 1e-6  # policy = reference, unit weights: KTO's loss is 1/2
+
+
+def live_parameters():
+    """Total size of the GPT parameters alive in this process."""
+    gc.collect()
+    seen, total = set(), 0
+    with warnings.catch_warnings():  # isinstance() on every live object touches deprecated torch aliases
+        warnings.simplefilter("ignore")
+        gpts = [obj for obj in gc.get_objects() if isinstance(obj, GPT)]
+    for obj in gpts:
+        for p in obj.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+@pytest.mark.parametrize("args", [["--loss_type=simpo"], ["--loss_type=orpo"], ["--loss_type=dpo", "--reference_free=True"],
+                                  ["--loss_type=dpo"]], ids=["simpo", "orpo", "reference_free", "dpo"])
+def test_reference_free_losses_allocate_one_model(args, repo_root, sft_ckpt, tmp_path):
+    gc.collect()
+    before = live_parameters()
+    g = dpo(repo_root, sft_ckpt, tmp_path, *args)
+    n_policy = sum(p.numel() for p in g["policy"].parameters())
+    models = (live_parameters() - before) / n_policy
+    expected = 2 if args == ["--loss_type=dpo"] else 1  # the control: plain DPO does hold a reference
+    assert models == expected
+    assert (g["reference"] is None) == (expected == 1)
+    del g
+    gc.collect()
+
+
+def test_precomputed_reference_and_prefix_sharing_equal_the_live_reference(repo_root, sft_ckpt, tmp_path):
+    runs = {"live": [], "precomputed": ["--precompute_ref=True"], "prefix": ["--prefix_sharing=True"],
+            "both": ["--precompute_ref=True", "--prefix_sharing=True"]}
+    logged = {}
+    for name, extra in runs.items():
+        g = dpo(repo_root, sft_ckpt, tmp_path / name, *extra)
+        logged[name] = losses(tmp_path / name)
+        if "--precompute_ref=True" in extra:
+            assert g["reference"] is None  # freed after the precomputation
+    assert logged["live"][-1] < logged["live"][0] - 0.05  # training moved: equality is not trivial
+    for name in ("precomputed", "prefix", "both"):
+        assert max(abs(a - b) for a, b in zip(logged["live"], logged[name])) <= 1e-6, (name, logged[name])
+
+
+def test_kto_kl_uses_mismatched_pairs(repo_root, sft_ckpt, tmp_path):
+    g = dpo(repo_root, sft_ckpt, tmp_path, "--loss_type=kto", "--max_iters=1")
+    rows = g["train_data"][:4]
+    # the script's KL inputs pair prompt i with completion (i + 1) % n, never its own
+    shifted = g["kto_mismatched_indices"](len(rows))
+    assert all(j != i for i, j in enumerate(shifted))
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        kl = [r["kl"] for r in map(json.loads, f) if "kl" in r]
+    assert kl and kl[0] == 0.0  # step 0: policy = reference, so the estimate is exactly 0
+
+
+def test_reference_is_frozen_in_the_script(repo_root, sft_ckpt, tmp_path):
+    g = dpo(repo_root, sft_ckpt, tmp_path)
+    ckpt = torch.load(sft_ckpt, weights_only=True)["model"]
+    ref = g["reference"].state_dict()
+    assert all(not p.requires_grad for p in g["reference"].parameters())
+    assert all(torch.equal(ref[k], ckpt[k]) for k in ckpt)  # bit-identical to the SFT weights after training
+    policy = g["policy"].state_dict()
+    assert any(not torch.equal(policy[k], ckpt[k]) for k in ckpt)  # while the policy moved
