@@ -228,11 +228,14 @@ def get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters, decay_lr=Tru
 
 def configure_optimizer(model, weight_decay, learning_rate, betas, device_type):
     """AdamW with weight decay on the matrices (every >= 2-D parameter) only; biases and LayerNorms are not
-    decayed, as in nanoGPT. Fused kernels on CUDA."""
+    decayed, as in nanoGPT. Fused kernels on CUDA and CPU."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    extra = {"fused": True} if device_type == "cuda" else {}
+    # fused: one kernel for the whole update instead of a Python loop over tensors (~3x faster on a CPU);
+    # FSDP2's sharded (DTensor) parameters take the default implementation
+    sharded = any(type(p).__name__ == "DTensor" for p in params)
+    extra = {"fused": True} if device_type in ("cuda", "cpu") and not sharded else {}
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
 

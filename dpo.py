@@ -43,7 +43,7 @@ always_save_checkpoint = False
 keep_last = 1
 # the objective
 loss_type = "dpo"         # dpo | ipo | hinge | simpo | orpo | kto | sft (see losses.py and the README)
-beta = 0.1                # dpo/ipo/hinge/kto: KL strength (larger = closer to the reference); simpo: reward
+beta = 1.0                # dpo/ipo/hinge/kto: KL strength (larger = closer to the reference); simpo: reward
                           # scale; orpo: lambda, the weight of the odds-ratio term (as in TRL)
 label_smoothing = 0.0     # dpo: > 0 gives conservative DPO (assumed probability that a label is flipped)
 simpo_gamma = 0.5         # simpo: target reward margin

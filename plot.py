@@ -5,6 +5,7 @@ several runs overlaid, each labelled with its folder's name.
 $ python plot.py out/dpo                                  # PNGs next to the run: out/dpo/loss.png, ...
 $ python plot.py out/dpo out/ipo out/simpo --out out/cmp  # runs compared on shared axes
 $ python plot.py out/dpo --out assets --prefix dpo_       # assets/dpo_loss.png, assets/dpo_rewards.png, ...
+$ python plot.py out/dpo out/ipo --figures task_accuracy  # only some of the figures
 
 A figure is written only when some run logged what it shows (an SFT run has no rewards, for example).
 The paths of the PNGs written are printed, one per line.
@@ -61,13 +62,15 @@ FIGURES = [
 ]
 
 
-def plot_runs(runs, out_dir, prefix=""):
-    """runs: [(label, series)] with series from load_metrics. Writes one PNG per figure that has data and
-    returns their paths."""
+def plot_runs(runs, out_dir, prefix="", figures=None):
+    """runs: [(label, series)] with series from load_metrics. Writes one PNG per figure (of `figures`, default
+    all) that has data and returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     paths = []
     for name, panels in FIGURES:
+        if figures is not None and name not in figures:
+            continue
         if not any(metric in series for _, series in runs for _, lines in panels for metric, _ in lines):
             continue
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
@@ -98,7 +101,14 @@ def main(argv=None):
     parser.add_argument("--out", help="folder for the PNGs (default: the run's folder for one run, "
                                       "out/plots for several)")
     parser.add_argument("--prefix", default="", help="prepended to every file name, e.g. dpo_")
+    names = [name for name, _ in FIGURES]
+    parser.add_argument("--figures", default=",".join(names), help="comma-separated subset of " + ",".join(names))
     args = parser.parse_args(argv)
+    figures = args.figures.split(",")
+    unknown = [f for f in figures if f not in names]
+    if unknown:
+        print(f"error: unknown figure {unknown[0]!r}: expected some of {','.join(names)}", file=sys.stderr)
+        return 2
     # files only, no display needed (servers, CI). Set here, not at import, so that a notebook importing
     # load_metrics keeps its inline backend.
     matplotlib.use("Agg")
@@ -111,7 +121,7 @@ def main(argv=None):
             return 2
         runs.append(load_metrics(path))
     out_dir = args.out or (args.runs[0] if len(args.runs) == 1 else os.path.join("out", "plots"))
-    paths = plot_runs(list(zip(run_labels(args.runs), runs)), out_dir, args.prefix)
+    paths = plot_runs(list(zip(run_labels(args.runs), runs)), out_dir, args.prefix, figures)
     if not paths:
         print("error: no plottable metrics in " + ", ".join(args.runs), file=sys.stderr)
         return 2

@@ -61,7 +61,7 @@ bias = True
 # optimisation
 batch_size = 128          # rows per micro-batch
 gradient_accumulation_steps = 1  # micro-batches per step, over all ranks
-max_iters = 800
+max_iters = 1500         # fewer leave some seeds stuck on a plateau before they learn to add
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 50

@@ -65,6 +65,7 @@ def run_all(jobs, lanes=None):
     while pending or running:
         while pending and len(running) < lanes:
             name, (scripts, args) = pending.pop(0)
+            scripts = [scripts] if isinstance(scripts, str) else scripts
             os.makedirs(args["out_dir"], exist_ok=True)
             cmd = command(scripts, args)
             print("$ " + show(cmd), flush=True)

@@ -129,6 +129,12 @@ def test_plot_writes_the_pngs_it_prints(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == [os.path.join(sft, "loss.png"), os.path.join(sft, "task_accuracy.png")]
 
+    result = run_plot(dpo, "--out", str(tmp_path / "some"), "--figures", "task_accuracy,rewards")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(tmp_path / "some" / "rewards.png"), str(tmp_path / "some" / "task_accuracy.png")]
+    result = run_plot(dpo, "--figures", "reward")
+    assert result.returncode != 0 and result.stderr.startswith("error: unknown figure 'reward'")
+
 
 def test_plot_rejects_a_missing_run_dir_with_one_line(tmp_path):
     dpo = write_run(str(tmp_path), "dpo")

@@ -1,17 +1,12 @@
 """Prefix sharing: one packed row [prompt | chosen | rejected] per pair must give the same log-probs and the same
 gradients as the plain concatenated forward (two rows per pair, plain causal attention)."""
 
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data import collate_pairs, collate_prefix_shared, prefix_shared_logps  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from data import collate_pairs, collate_prefix_shared, prefix_shared_logps
+from model import GPT, GPTConfig
 
 E, PAD = 256, 257  # the byte tokenizer's EOS and padding ids
 
