@@ -81,8 +81,6 @@ SIZES = {
     "gpt2": (12, 12, 768, 50304, 1024, 8, 256, 256),  # GPT-2 124M, vocab padded to a multiple of 64
 }
 # dense bf16 peak FLOP/s per GPU (no sparsity), matched against torch.cuda.get_device_name()
-GPU_PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12),
-                 ("RTX 4090", 165e12)]
 KINDS = ["sft", "dpo_live", "dpo_precomputed", "prefix_live", "prefix_precomputed"]
 DPO_KINDS = KINDS[1:]
 
@@ -100,39 +98,9 @@ def sync():
         torch.cuda.synchronize()
 
 
-# -----------------------------------------------------------------------------------------------------------
-# Peak FLOP/s
-
-def measure_matmul_flops(dtype=torch.float32, sizes=(1024, 1536, 2048), repeats=8):
-    """The best FLOP/s of square torch.mm over a few sizes (best of `repeats` timings each): the CPU's
-    practical peak for the dtype, measured with the threads and allocator this run uses. Returns it twice:
-    by wall time, and by CPU time per thread (which other processes on a busy machine do not inflate)."""
-    best_wall, best_cpu = 0.0, 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        c = torch.mm(a, b)  # warm-up
-        for _ in range(repeats):
-            c0, t0 = time.process_time(), time.perf_counter()
-            torch.mm(a, b, out=c)
-            wall, cpu = time.perf_counter() - t0, (time.process_time() - c0) / torch.get_num_threads()
-            best_wall, best_cpu = max(best_wall, 2 * n ** 3 / wall), max(best_cpu, 2 * n ** 3 / max(cpu, 1e-9))
-    return best_wall, best_cpu
-
-
 def peak_flops():
     """(peak FLOP/s, peak FLOP/s by CPU time or None, where they come from) for this run's device."""
-    if rt.device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        for key, flops in GPU_PEAK_BF16:
-            if key in name:
-                note = f"{name}: dense bf16 peak from the table"
-                if rt.dtype != "bfloat16":
-                    note += f" (this run uses {rt.dtype}: MFU is against the bf16 peak)"
-                return flops, None, note
-        return None, None, f"{name}: not in the peak table, no MFU (add it to GPU_PEAK_BF16)"
-    if rt.device_type == "cpu":
-        return (*measure_matmul_flops(), "CPU: measured float32 torch.mm rate (best of 1024..2048 squares)")
-    return None, None, f"{rt.device_type}: no peak known, no MFU"
+    return common.peak_flops(rt, sizes=(1024, 1536, 2048), repeats=8)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -158,10 +126,7 @@ N = policy.get_num_params()
 Q = n_embd // n_head
 
 
-def flops_per_token(T, train):
-    """nanoGPT's count: 6N + 12*L*H*Q*T for a token of fwd + bwd, a third of it for forward only."""
-    f = 6 * N + 12 * n_layer * n_head * Q * T
-    return f if train else f / 3
+flops_per_token = policy.flops_per_token
 
 
 g = torch.Generator().manual_seed(0)
@@ -320,7 +285,7 @@ def time_kinds():
 
 all_times, all_cpu_times, all_faults = time_kinds()
 if rt.device_type == "cpu":  # measured again after the steps, keeping the best: a busy moment lowers one reading
-    peak, peak_cpu = (max(x, y) for x, y in zip((peak, peak_cpu), measure_matmul_flops()))
+    peak, peak_cpu = (max(x, y) for x, y in zip((peak, peak_cpu), common.measure_matmul_flops()))
     print(f"peak after the steps: {peak / 1e9:,.1f} GFLOP/s (best of both), {peak_cpu / 1e9:,.1f} by CPU time")
 results = {}
 for kind in KINDS:

@@ -210,6 +210,47 @@ def grad_scaler(rt):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# Peak FLOP/s, for MFU
+
+GPU_PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12),
+                 ("RTX 4090", 165e12)]  # dense bf16 tensor-core peaks per GPU (vendor data sheets)
+
+
+def measure_matmul_flops(dtype=torch.float32, sizes=(1024, 1536, 2048), repeats=8):
+    """The best FLOP/s of square torch.mm over a few sizes (best of `repeats` timings each): the CPU's
+    practical peak for the dtype, measured with the threads and allocator this run uses. Returns it twice:
+    by wall time, and by CPU time per thread (which other processes on a busy machine do not inflate)."""
+    best_wall, best_cpu = 0.0, 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        c = torch.mm(a, b)  # warm-up
+        for _ in range(repeats):
+            c0, t0 = time.process_time(), time.perf_counter()
+            torch.mm(a, b, out=c)
+            wall, cpu = time.perf_counter() - t0, (time.process_time() - c0) / torch.get_num_threads()
+            best_wall, best_cpu = max(best_wall, 2 * n ** 3 / wall), max(best_cpu, 2 * n ** 3 / max(cpu, 1e-9))
+    return best_wall, best_cpu
+
+
+def peak_flops(rt, sizes=(1024,), repeats=4):
+    """(peak FLOP/s or None, peak by CPU time or None, where it comes from): on CUDA the bf16 table above, on a
+    CPU the float32 matmul rate measured now (a fraction of a second with the default sizes)."""
+    if rt.device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, flops in GPU_PEAK_BF16:
+            if key in name:
+                note = f"{name}: dense bf16 peak from the table"
+                if rt.dtype != "bfloat16":
+                    note += f" (this run uses {rt.dtype}: MFU is against the bf16 peak)"
+                return flops, None, note
+        return None, None, f"{name}: not in the peak table, no MFU (add it to GPU_PEAK_BF16)"
+    if rt.device_type == "cpu":
+        return (*measure_matmul_flops(sizes=sizes, repeats=repeats),
+                f"CPU: measured float32 torch.mm rate (best of {'..'.join(map(str, sizes))} squares)")
+    return None, None, f"{rt.device_type}: no peak known, no MFU"
+
+
+# -----------------------------------------------------------------------------------------------------------
 # Optimisation
 
 def get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters, decay_lr=True):
@@ -413,6 +454,13 @@ def evaluate_loss(model, compute_loss, make_batch, data, batch_size, rt):
     return {f"eval_{k}": v / len(data) for k, v in zip(names, totals.tolist())}
 
 
+def peak_rss_mb():
+    """This process's peak resident memory in MB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1 << 20) if sys.platform == "darwin" else rss / 1024
+
+
 def summary(results):
     """One readable fragment of evaluation results for a script's last line."""
     return ", ".join(f"{k} {v:.1%}" if k == "task_accuracy" else f"{k} {v:.4f}" for k, v in results.items())
@@ -508,7 +556,8 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
     Each step takes batch_size * gradient_accumulation_steps row indices from `order` (a data.BatchOrder, the
     same on every rank) and cuts them into micro-batches of batch_size; rank r runs its own contiguous share, so
     the global batch is the same whatever the world size.
-    make_batch(indices) -> batch (whatever compute_loss takes, with an int 'n_tokens');
+    make_batch(indices) -> batch (whatever compute_loss takes, with an int 'n_tokens' and optionally 'flops',
+    the step's model FLOPs, for the MFU on stdout);
     compute_loss(batch) -> (loss, {metric name: scalar tensor}); evaluate() -> {name: float};
     describe(record) -> the script's part of the stdout line.
     Evaluates at iter 0, every eval_interval and after the last step; checkpoints every checkpoint_interval
@@ -523,7 +572,8 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
     lr_decay_iters = cfg.get("lr_decay_iters") or max_iters
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     logger = MetricLogger(cfg["out_dir"], rt, start_iter)
-    results, t0, tokens, iters_timed, nonfinite_run, nonfinite_total = {}, time.time(), 0, 0, 0, 0
+    results, t0, tokens, flops, iters_timed, nonfinite_run, nonfinite_total = {}, time.time(), 0, 0.0, 0, 0, 0
+    peak = peak_flops(rt)[0] if rt.master else None  # for the MFU on stdout, as nanoGPT prints it
 
     def checkpoint(iter_num):
         save_training_checkpoint(cfg, iter_num, model, optimizer, order, scaler, tokenizer, results,
@@ -543,7 +593,7 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
                                       or (is_eval and cfg.get("always_save_checkpoint"))):
             checkpoint(iter_num)
         if is_eval:
-            t0, tokens, iters_timed = time.time(), 0, 0  # keep eval and checkpoint time out of ms/iter
+            t0, tokens, flops, iters_timed = time.time(), 0, 0.0, 0  # keep eval and checkpoint time out of ms/iter
         lr = get_lr(iter_num, cfg["learning_rate"], cfg["min_lr"], cfg["warmup_iters"], lr_decay_iters,
                     cfg["decay_lr"])
         for group in optimizer.param_groups:
@@ -563,6 +613,7 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
             values = torch.stack([loss.detach().float()] + [v.float() for v in metrics.values()])
             sums = values if sums is None else sums + values
             tokens += batch["n_tokens"]
+            flops += batch.get("flops", 0.0)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: the norm over every rank's shards, as a DTensor
@@ -591,8 +642,8 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
         if iter_num % cfg["log_interval"] == 0 or iter_num == max_iters - 1:
             # metric means over every micro-batch on every rank, and the step's tokens over all ranks
             totals = all_reduce_sum(torch.cat([sums / (local_steps * rt.world_size),
-                                               torch.tensor([float(tokens)], device=sums.device)]), rt)
-            vals, tokens = totals[:-1].tolist(), totals[-1].item()
+                                               torch.tensor([float(tokens), flops], device=sums.device)]), rt)
+            vals, tokens, flops = totals[:-2].tolist(), totals[-2].item(), totals[-1].item()
             record = {"iter": iter_num, "loss": vals[0], **dict(zip(metrics.keys(), vals[1:])),
                       "grad_norm": grad_norm.item(), "lr": lr}
             if nonfinite_total:
@@ -601,8 +652,9 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
             dt = time.time() - t0
             if rt.master:
                 print(f"iter {iter_num}: loss {vals[0]:.4f}{describe(record)}, lr {lr:.2e}, "
-                      f"{dt * 1000 / iters_timed:.1f} ms/iter, {tokens / max(dt, 1e-9):,.0f} tok/s")
-            t0, tokens, iters_timed = time.time(), 0, 0
+                      f"{dt * 1000 / iters_timed:.1f} ms/iter, {tokens / max(dt, 1e-9):,.0f} tok/s"
+                      + (f", mfu {flops / max(dt, 1e-9) / rt.world_size / peak:.1%}" if peak and flops else ""))
+            t0, tokens, flops, iters_timed = time.time(), 0, 0.0, 0
     checkpoint(max_iters)
     if cfg.get("compile") and rt.master and max_iters > start_iter:
         print(f"torch.compile: {compiled_graphs() - graphs_after_warmup} recompiles after the first step")

@@ -275,7 +275,22 @@ def make_batch(indices, data=train_data):
     batch["n_tokens"] = sum(len(row[0]) + len(row[1]) - 1 for row in batch["rows"])
     if loss_type != "kto":
         batch["n_tokens"] += sum(len(p) + len(r) - 1 for p, _, r in batch["rows"])
+    batch["flops"] = step_flops(batch["rows"], "ref_logps" not in batch and reference is not None)
     return batch
+
+
+def step_flops(rows, live_reference):
+    """Model FLOPs of one micro-batch, counted over the padded rows the forwards run (for the MFU on stdout)."""
+    fpt = policy.flops_per_token
+    if loss_type == "kto":  # policy fwd+bwd on B rows and fwd on B mismatched rows; reference fwd on both
+        T = max(len(p) + len(y) for p, y, _ in rows) - 1
+        n = len(rows) * T
+        return n * (fpt(T) + fpt(T, False) + (2 * fpt(T, False) if live_reference else 0))
+    if prefix_sharing:
+        n_rows, T = len(rows), max(len(p) + len(c) + len(r) - 2 for p, c, r in rows)
+    else:
+        n_rows, T = 2 * len(rows), max(len(p) + max(len(c), len(r)) for p, c, r in rows) - 1
+    return n_rows * T * (fpt(T) + (fpt(T, False) if live_reference else 0))
 
 
 def reward_metrics(chosen_rewards, rejected_rewards):
@@ -364,6 +379,6 @@ if rt.master:
     summary = common.summary(results)
     if start_accuracy is not None and "task_accuracy" in results:  # "task_accuracy 45.3% (SFT) -> 79.3%, ..."
         summary = f"task_accuracy {start_accuracy:.1%} (SFT) -> " + summary[len("task_accuracy "):]
-    print(f"{loss_type.upper()} done: held-out {summary} in {time.time() - t_start:.0f} s "
+    print(f"{loss_type.upper()} done: held-out {summary} in {time.time() - t_start:.0f} s, peak RSS {common.peak_rss_mb():.0f} MB "
           f"-> {os.path.join(out_dir, 'ckpt.pt')}")
 common.cleanup(rt)

@@ -135,6 +135,13 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
+    def flops_per_token(self, T, train=True):
+        """Model FLOPs per token of a length-T row, as nanoGPT counts them: 6N + 12*L*H*Q*T for forward and
+        backward (N parameters without the position table, Q the head size), a third of that forward only."""
+        cfg = self.config
+        flops = 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+        return flops if train else flops / 3
+
     def forward(self, idx, targets=None, pos=None, attn_mask=None, last_only=False):
         """idx: (B, T) token ids. pos: (B, T) or (T,) position ids, default 0..T-1.
         attn_mask: None for causal attention, or bool (B, 1, T, T) with True = may attend.

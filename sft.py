@@ -131,7 +131,8 @@ def make_batch(indices, data=train_data):
     T = max(len(p) + len(r) for p, r in rows) - 1
     idx, targets, mask = collate(rows, tok.pad_id, common.padded_length(T, block_size, compile))
     return {"idx": idx.to(rt.device), "targets": targets.to(rt.device), "mask": mask.to(rt.device),
-            "n_tokens": sum(len(p) + len(r) - 1 for p, r in rows)}
+            "n_tokens": sum(len(p) + len(r) - 1 for p, r in rows),
+            "flops": idx.numel() * model.flops_per_token(idx.size(1))}  # every (padded) position is computed
 
 
 def compute_loss(batch):
@@ -151,6 +152,6 @@ def evaluate():
 results = common.train_loop(rt, train_model, optimizer, config, order, make_batch, compute_loss, evaluate,
                             describe=lambda r: "", tokenizer=tokenizer, start_iter=start_iter, scaler=scaler)
 if rt.master:
-    print(f"SFT done: held-out {common.summary(results)} in {time.time() - t_start:.0f} s "
+    print(f"SFT done: held-out {common.summary(results)} in {time.time() - t_start:.0f} s, peak RSS {common.peak_rss_mb():.0f} MB "
           f"-> {os.path.join(out_dir, 'ckpt.pt')}")
 common.cleanup(rt)
