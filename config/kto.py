@@ -2,5 +2,5 @@
 # python dpo.py config/kto.py
 out_dir = "out/kto"
 loss_type = "kto"
-beta = 0.1
+beta = 1.0
 batch_size = 128    # unpaired examples per micro-batch: the same number of sequences as 64 pairs

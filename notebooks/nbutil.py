@@ -1,7 +1,8 @@
 """
-What the notebooks share (they run from the repo root, with it and notebooks/ on sys.path): the one short SFT checkpoint they all start from, running sft.py /
-dpo.py as real subprocesses (a few at a time), and a Monte-Carlo estimate of KL(policy || reference).
-Each notebook prints the exact commands it runs, so everything here can be reproduced from a shell.
+What the notebooks share (they run from the repo root, with it and notebooks/ on sys.path): the short SFT
+checkpoint they all start from, running sft.py / dpo.py as real subprocesses (a few at a time), loading a
+checkpoint, and a Monte-Carlo estimate of KL(policy || reference). The notebooks print every command they run,
+so each run can be repeated from a shell.
 """
 
 import os
@@ -26,17 +27,19 @@ def command(scripts, args):
 
 
 def show(cmd):
+    """The command as one would type it."""
     return " ".join(["python"] + cmd[1:])
 
 
-def _env():
-    # one thread per run: several small runs side by side use the cores better than one run on all of them
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+def _env(threads):
+    # several small runs side by side use the cores better than one run on all of them
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
 
 
 def ensure_sft():
     """Run the short SFT into out/notebooks/sft unless a checkpoint made with the same settings is already
-    there (every notebook calls this; the first one pays ~45 s). Returns the checkpoint's path."""
+    there (every notebook calls this; the first one pays for it: ~30-45 s on a 2-core CPU). Returns the
+    checkpoint's path."""
     import common
     from data import UserError
     path = f"{SFT_DIR}/ckpt.pt"
@@ -52,14 +55,17 @@ def ensure_sft():
 
 
 def parallel_lanes():
+    """How many runs to start side by side: one per core this process may use."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores)
 
 
 def run_all(jobs, lanes=None):
-    """jobs: {name: ([script, config files...], settings)}, settings holding out_dir at least; runs them as
-    subprocesses, `lanes` at a time, each logging to its out_dir/log.txt. Prints each command and its last line; a failed run raises with the end of its log."""
-    lanes = lanes or parallel_lanes()
+    """jobs: {name: ([script, config files...], settings)}, settings holding out_dir at least. Runs them as
+    subprocesses, `lanes` at a time, each logging to its out_dir/log.txt; prints each command and the last
+    line of its output. A failed run stops the others and raises with the end of its log."""
+    lanes = min(lanes or parallel_lanes(), len(jobs))
+    threads = max(1, parallel_lanes() // max(lanes, 1))  # the cores, shared among the runs side by side
     pending, running = list(jobs.items()), []
     t0 = time.time()
     while pending or running:
@@ -70,7 +76,8 @@ def run_all(jobs, lanes=None):
             cmd = command(scripts, args)
             print("$ " + show(cmd), flush=True)
             log = open(os.path.join(args["out_dir"], "log.txt"), "w")
-            running.append((name, args, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env()), log))
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(threads))
+            running.append((name, args, proc, log))
         for item in list(running):
             name, args, proc, log = item
             if proc.poll() is None:

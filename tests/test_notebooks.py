@@ -131,7 +131,7 @@ def test_plot_writes_the_pngs_it_prints(tmp_path):
 
     result = run_plot(dpo, "--out", str(tmp_path / "some"), "--figures", "task_accuracy,rewards")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [str(tmp_path / "some" / "rewards.png"), str(tmp_path / "some" / "task_accuracy.png")]
+    assert result.stdout.split() == [str(tmp_path / "some" / f"{name}.png") for name in ("rewards", "task_accuracy")]
     result = run_plot(dpo, "--figures", "reward")
     assert result.returncode != 0 and result.stderr.startswith("error: unknown figure 'reward'")
 
