@@ -221,8 +221,9 @@ def measure_matmul_flops(dtype=torch.float32, sizes=(1024, 1536, 2048), repeats=
     practical peak for the dtype, measured with the threads and allocator this run uses. Returns it twice:
     by wall time, and by CPU time per thread (which other processes on a busy machine do not inflate)."""
     best_wall, best_cpu = 0.0, 0.0
+    g = torch.Generator().manual_seed(0)  # its own generator: a run's (possibly restored) RNG stream is untouched
     for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = torch.randn(n, n, dtype=dtype, generator=g), torch.randn(n, n, dtype=dtype, generator=g)
         c = torch.mm(a, b)  # warm-up
         for _ in range(repeats):
             c0, t0 = time.process_time(), time.perf_counter()
@@ -520,10 +521,11 @@ def resume_state(ckpt, model, optimizer, order, scaler=None, path="checkpoint", 
     return ckpt["iter_num"]
 
 
-def save_training_checkpoint(cfg, iter_num, model, optimizer, order, scaler, tokenizer, results, extra, rt):
+def save_training_checkpoint(cfg, iter_num, model, optimizer, order, scaler, tokenizer, results, extra, rt=None):
     """Rank 0 writes out_dir/ckpt.pt, which always holds the newest checkpoint; with keep_last > 1 the newest K
     are also kept as ckpt_<iter>.pt (hard links, so no second copy is written). Every rank calls this: under
     FSDP2 the full weights and optimizer state are gathered from all of them."""
+    rt = rt or Runtime("cpu", "cpu", "float32", False, 0, 0, 1)  # a single process
     model_state, optim_state = full_state_dict(model, rt), optimizer.state_dict()
     if rt.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict

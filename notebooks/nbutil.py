@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 OUT = "out/notebooks"
-# The shared SFT model: the full recipe (`python sft.py`) runs 800 iterations; 500 is enough for a model that
+# The shared SFT model: the full recipe (`python sft.py`) runs 1500 iterations; 500 give a model that
 # answers in the right format but has learnt the demonstrations' carry slip, which is what DPO should fix.
 # n_eval=500 held-out problems halves the cost of every evaluation in the DPO runs (they inherit it).
 SFT_ARGS = {"max_iters": 500, "n_eval": 500, "eval_interval": 100, "log_interval": 50}
@@ -31,9 +31,10 @@ def show(cmd):
     return " ".join(["python"] + cmd[1:])
 
 
-def _env(threads):
-    # several small runs side by side use the cores better than one run on all of them
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+def _env():
+    # One thread per run: several small runs side by side use the cores better than one run on all of them,
+    # and a multi-threaded run on a busy machine can be many times slower (its threads wait on each other).
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
 def ensure_sft():
@@ -65,7 +66,6 @@ def run_all(jobs, lanes=None):
     subprocesses, `lanes` at a time, each logging to its out_dir/log.txt; prints each command and the last
     line of its output. A failed run stops the others and raises with the end of its log."""
     lanes = min(lanes or parallel_lanes(), len(jobs))
-    threads = max(1, parallel_lanes() // max(lanes, 1))  # the cores, shared among the runs side by side
     pending, running = list(jobs.items()), []
     t0 = time.time()
     while pending or running:
@@ -76,7 +76,7 @@ def run_all(jobs, lanes=None):
             cmd = command(scripts, args)
             print("$ " + show(cmd), flush=True)
             log = open(os.path.join(args["out_dir"], "log.txt"), "w")
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(threads))
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env())
             running.append((name, args, proc, log))
         for item in list(running):
             name, args, proc, log = item

@@ -166,5 +166,5 @@ def test_training_checkpoint_is_weights_only_loadable(tmp_path, tiny_model):
     common.save_training_checkpoint(cfg, 5, tiny_model, opt, order, torch.amp.GradScaler("cpu", enabled=False),
                                     "byte", {"task_accuracy": 0.25}, {})
     ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"), "byte")
-    assert ckpt["iter_num"] == 5 and ckpt["data_order"] == {"epoch": 0, "pos": 3}
+    assert ckpt["iter_num"] == 5 and ckpt["data_order"] == {"epoch": 0, "pos": 3, "n": 10, "seed": 1}
     assert ckpt["task_accuracy"] == 0.25

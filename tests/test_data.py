@@ -292,7 +292,7 @@ def test_batch_order_is_a_permutation_per_epoch():
     for e in epochs:
         assert sorted(e) == list(range(10))
     assert epochs[0] != epochs[1]  # reshuffled every epoch
-    assert order.state_dict() == {"epoch": 2, "pos": 10}
+    assert order.state_dict() == {"epoch": 2, "pos": 10, "n": 10, "seed": 5}
     assert BatchOrder(10, seed=6).take(10) != epochs[0]
 
 
@@ -311,3 +311,9 @@ def test_batch_order_resumes_identically():
 def test_batch_order_of_nothing_is_a_user_error():
     with pytest.raises(UserError):
         BatchOrder(0, seed=1)
+
+
+def test_batch_order_refuses_another_dataset_on_resume():
+    state = BatchOrder(10, seed=5).state_dict()
+    with pytest.raises(UserError, match="over 10 rows with seed 5"):
+        BatchOrder(11, seed=5).load_state_dict(state)
