@@ -84,10 +84,22 @@ def check_config(cfg):
     if cfg.get("n_head", 0) >= 1 and cfg.get("n_embd", 0) % cfg.get("n_head", 1) != 0:
         raise UserError(f"n_embd={cfg['n_embd']} is not divisible by n_head={cfg['n_head']}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun; checked before any process group exists
-    gas = cfg.get("gradient_accumulation_steps", 1)
-    if isinstance(gas, int) and gas >= 1 and gas % world_size != 0:
-        raise UserError(f"gradient_accumulation_steps={gas} is not divisible by the world size {world_size}: "
-                        "it counts micro-batches over all ranks, so the global batch is the same at any size")
+    gas, B = cfg.get("gradient_accumulation_steps", 1), cfg.get("batch_size", 1)
+    if isinstance(gas, int) and isinstance(B, int) and gas >= 1 and B >= 1:
+        micro_batches(B, gas, world_size)  # raises when the step cannot be split evenly over the ranks
+
+
+def micro_batches(batch_size, gas, world_size):
+    """How a step of batch_size x gas rows splits over the ranks: (micro-steps per rank, rows per micro-step).
+    gas counts micro-batches over all ranks, so the global batch is the same at any world size: with gas a
+    multiple of the world size each rank runs gas / world_size micro-batches of batch_size rows; otherwise each
+    of the gas micro-batches is shared out, batch_size / world_size rows per rank."""
+    if gas % world_size == 0:
+        return gas // world_size, batch_size
+    if batch_size % world_size == 0:
+        return gas, batch_size // world_size
+    raise UserError(f"batch_size={batch_size} x gradient_accumulation_steps={gas} cannot be split evenly over "
+                    f"{world_size} processes: make one of them a multiple of {world_size}")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -556,7 +568,7 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
                start_iter=0, scaler=None, ckpt_extra=None):
     """Run optimizer steps start_iter .. cfg['max_iters']-1, then write the final checkpoint.
     Each step takes batch_size * gradient_accumulation_steps row indices from `order` (a data.BatchOrder, the
-    same on every rank) and cuts them into micro-batches of batch_size; rank r runs its own contiguous share, so
+    same on every rank); rank r runs its own contiguous share of them in equal micro-batches (micro_batches), so
     the global batch is the same whatever the world size.
     make_batch(indices) -> batch (whatever compute_loss takes, with an int 'n_tokens' and optionally 'flops',
     the step's model FLOPs, for the MFU on stdout);
@@ -568,9 +580,7 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
     or gradient norm is not finite is skipped on every rank (the decision is taken on all-reduced values),
     counted, and max_nonfinite of them in a row stop the run. Returns the last evaluation's results."""
     gas, B, max_iters = cfg["gradient_accumulation_steps"], cfg["batch_size"], cfg["max_iters"]
-    if gas % rt.world_size != 0:
-        raise UserError(f"gradient_accumulation_steps={gas} is not divisible by the world size {rt.world_size}")
-    local_steps = gas // rt.world_size
+    local_steps, micro = micro_batches(B, gas, rt.world_size)
     lr_decay_iters = cfg.get("lr_decay_iters") or max_iters
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     logger = MetricLogger(cfg["out_dir"], rt, start_iter)
@@ -601,10 +611,10 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_indices = order.take(B * gas)
+        mine = step_indices[rt.rank * local_steps * micro:(rt.rank + 1) * local_steps * micro]  # this rank's slice
         sums = None
         for micro_step in range(local_steps):
-            j = rt.rank * local_steps + micro_step
-            batch = make_batch(step_indices[j * B:(j + 1) * B])
+            batch = make_batch(mine[micro_step * micro:(micro_step + 1) * micro])
             if rt.fsdp:  # reduce-scatter gradients only on the last micro-step
                 unwrap(model).set_requires_gradient_sync(micro_step == local_steps - 1)
             elif rt.ddp:  # all-reduce gradients only on the last micro-step

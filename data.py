@@ -8,6 +8,8 @@ that are response tokens or the EOS, never on prompt or padding.
 """
 
 import codecs
+import hashlib
+import json
 import os
 import random
 
@@ -244,6 +246,43 @@ def encode_pair_rows(rows, tok, block_size, max_prompt_len=None, source="prefere
             skipped.add("chosen == rejected after truncation")
             continue
         out.append((p, c, r))
+    return out, skipped
+
+
+TOKEN_CACHE_VERSION = 1  # bump when encoding or truncation changes, so old cached token ids are not reused
+
+
+def token_cache_dir():
+    return os.environ.get("NANOPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanopo")
+
+
+def cached_encode(encode, rows, tok, block_size, source, use_cache=True):
+    """encode(rows, tok, block_size, source=source) (encode_sft_rows or encode_pair_rows), its result kept on disk
+    under token_cache_dir() ($NANOPO_CACHE, else ~/.cache/nanopo) and keyed by a hash of the rows' text, the
+    tokenizer and the block size: a second run over the same data reads the token ids back instead of
+    tokenising again (hashing text is far cheaper than BPE). Returns (encoded rows, SkipCounter)."""
+    if not use_cache:
+        return encode(rows, tok, block_size, source=source)
+    h = hashlib.sha256(json.dumps([encode.__name__, tok.name, block_size, TOKEN_CACHE_VERSION]).encode())
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True).encode())
+    path = os.path.join(token_cache_dir(), h.hexdigest()[:32] + ".pt")
+    if os.path.exists(path):
+        try:
+            saved = torch.load(path, weights_only=True)
+            skipped = SkipCounter()
+            skipped.reasons = dict(saved["skipped"])
+            return [tuple(r) for r in saved["rows"]], skipped
+        except Exception:
+            pass  # unreadable (a foreign or cut-short file): tokenise again and rewrite it
+    out, skipped = encode(rows, tok, block_size, source=source)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        torch.save({"rows": out, "skipped": skipped.reasons}, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache folder: the run goes on without the cache
     return out, skipped
 
 

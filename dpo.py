@@ -19,7 +19,7 @@ import torch
 
 import common
 from configurator import apply_overrides
-from data import (AdditionTask, AnswerTask, BatchOrder, Tokenizer, UserError, collate, collate_pairs,
+from data import (AdditionTask, AnswerTask, BatchOrder, Tokenizer, UserError, cached_encode, collate, collate_pairs,
                   collate_prefix_shared, dataset_kind, encode_pair_rows, encode_sft_rows, load_splits,
                   prefix_shared_logps)
 from losses import (average_logprobs, dpo_loss, hinge_loss, ipo_loss, kto_loss, kto_mismatched_indices,
@@ -185,11 +185,13 @@ if loss_type == "kto" and rows and "label" in rows[0]:
     skipped.add_all(skipped_bad)
     train_data = [(p, y, True) for p, y in good] + [(p, y, False) for p, y in bad]
 else:
-    train_data, skipped = encode_pair_rows(rows, tok, block_size, source=dataset or "embedded task pairs")
+    # a dataset's token ids are cached on disk (data.cached_encode); on-policy pairs are new every run
+    train_data, skipped = cached_encode(encode_pair_rows, rows, tok, block_size, dataset or "embedded task pairs",
+                                        kind == "pairs")
     if loss_type == "kto":  # pairs -> one desirable (chosen) and one undesirable (rejected) example each
         train_data = [(p, c, True) for p, c, _ in train_data] + [(p, r, False) for p, _, r in train_data]
-eval_data = [] if loss_type == "kto" else encode_pair_rows(eval_rows[:n_eval], tok, block_size,
-                                                           source=eval_dataset or dataset)[0]
+eval_data = [] if loss_type == "kto" else cached_encode(encode_pair_rows, eval_rows[:n_eval], tok, block_size,
+                                                        eval_dataset or dataset, bool(eval_rows))[0]
 if rt.master:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "pairs.jsonl"), "w") as f:  # to read what the model is taught

@@ -18,8 +18,8 @@ import torch
 
 import common
 from configurator import apply_overrides
-from data import (AdditionTask, AnswerTask, BatchOrder, Tokenizer, UserError, collate, encode_sft_rows, gsm8k_answer,
-                  load_splits)
+from data import (AdditionTask, AnswerTask, BatchOrder, Tokenizer, UserError, cached_encode, collate, encode_sft_rows,
+                  gsm8k_answer, load_splits)
 from losses import sequence_logprobs, sft_loss
 from model import GPT, GPTConfig, logprobs_from_logits
 
@@ -97,8 +97,10 @@ else:
     if rt.master:
         print(f"SFT data: {len(rows)} demonstrations ({n_wrong} = {n_wrong / len(rows):.1%} with a wrong "
               f"answer), {len(task.eval_prompts)} held-out problems")
-train_data, skipped = encode_sft_rows(rows, tok, block_size, source=dataset or "embedded task")
-eval_data, _ = encode_sft_rows(eval_rows[:n_eval], tok, block_size, source=eval_dataset or dataset)
+# a dataset's token ids are cached on disk (data.cached_encode): a second run does not tokenise again
+train_data, skipped = cached_encode(encode_sft_rows, rows, tok, block_size, dataset or "embedded task", bool(dataset))
+eval_data, _ = cached_encode(encode_sft_rows, eval_rows[:n_eval], tok, block_size, eval_dataset or dataset,
+                             bool(dataset))
 if rt.master and skipped.total():
     print(f"skipped {skipped.total()} training rows: {skipped}")
 

@@ -13,6 +13,11 @@ _tiktoken_dir = os.path.join(os.path.dirname(REPO_ROOT), "shared", "tiktoken")
 if os.path.isdir(_tiktoken_dir) and "TIKTOKEN_CACHE_DIR" not in os.environ:
     os.environ["TIKTOKEN_CACHE_DIR"] = _tiktoken_dir
 
+# Tokenised datasets are cached on disk (data.cached_encode): the tests use a fresh folder of their own.
+if "NANOPO_CACHE" not in os.environ:
+    import tempfile
+    os.environ["NANOPO_CACHE"] = tempfile.mkdtemp(prefix="nanopo-test-cache-")
+
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 

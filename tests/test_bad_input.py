@@ -174,10 +174,12 @@ def test_empty_checkpoint_file(tmp_path):
 def test_gradient_accumulation_not_divisible_by_world_size(tmp_path):
     # what 2 processes under torchrun would see, without starting them: train_loop checks before any work
     rt = common.Runtime("cpu", "cpu", "float32", ddp=False, rank=0, local_rank=0, world_size=2)
-    cfg = {"gradient_accumulation_steps": 3, "batch_size": 4, "max_iters": 1, "out_dir": str(tmp_path)}
+    cfg = {"gradient_accumulation_steps": 3, "batch_size": 5, "max_iters": 1, "out_dir": str(tmp_path)}
     model = GPT(GPTConfig(**TINY))
     one_line_error(common.train_loop, rt, model, None, cfg, None, None, None, None, None, "byte",
-                   match="gradient_accumulation_steps=3 is not divisible by the world size 2")
+                   match="batch_size=5 x gradient_accumulation_steps=3 cannot be split evenly over 2 processes")
+    # an even batch_size is shared out instead: no error from the split
+    assert common.micro_batches(4, 3, 2) == (3, 2) and common.micro_batches(4, 2, 2) == (1, 4)
 
 
 def test_unknown_device():

@@ -54,6 +54,10 @@ def ddp_runs(tmp_path_factory, repo_root, script_env):
                                          f"--sft_ckpt={root / 'sft_one' / 'ckpt.pt'}", f"--out_dir={dpo_dir}"],
                                         repo_root, script_env, nproc)
         out[f"sft_{name}"], out[f"dpo_{name}"] = str(sft_dir), str(dpo_dir)
+    # the headline command's split: gradient_accumulation_steps=1 on 2 ranks, each rank half of every micro-batch
+    out["dpo_split"] = str(root / "dpo_split")
+    run(["dpo.py", *TINY_DPO, "--gradient_accumulation_steps=1", "--batch_size=16",
+         f"--sft_ckpt={root / 'sft_one' / 'ckpt.pt'}", f"--out_dir={out['dpo_split']}"], repo_root, script_env, 2)
     # FSDP2: policy and reference sharded over the 2 processes
     out["dpo_fsdp"] = str(root / "dpo_fsdp")
     run(["dpo.py", *TINY_DPO, "--gradient_accumulation_steps=2", "--fsdp=True",
@@ -68,6 +72,11 @@ def test_sft_two_processes_equal_one_with_twice_the_accumulation(ddp_runs):
 def test_dpo_two_processes_equal_one_with_twice_the_accumulation(ddp_runs):
     assert_same_losses(ddp_runs["dpo_one"], ddp_runs["dpo_two"],
                        ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "grad_norm"])
+
+
+def test_two_processes_share_out_a_single_micro_batch(ddp_runs):
+    # 1 process: 2 micro-batches of 8 pairs; 2 processes with gas=1, batch 16: 8 pairs each. Same global batch.
+    assert_same_losses(ddp_runs["dpo_one"], ddp_runs["dpo_split"], ["loss", "rewards/chosen", "grad_norm"])
 
 
 def test_fsdp_dpo_equals_one_process(ddp_runs):
@@ -90,10 +99,10 @@ def test_uneven_eval_shards_finish_and_agree(ddp_runs):
 
 def test_uneven_world_split_is_one_line_error(repo_root, script_env, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py", *TINY_SFT,
-           "--gradient_accumulation_steps=3", f"--out_dir={tmp_path}"]
+           "--gradient_accumulation_steps=3", "--batch_size=7", f"--out_dir={tmp_path}"]
     proc = subprocess.run(cmd, cwd=repo_root, env=script_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert "gradient_accumulation_steps=3 is not divisible by the world size 2" in proc.stderr
+    assert "batch_size=7 x gradient_accumulation_steps=3 cannot be split evenly over 2 processes" in proc.stderr
 
 
 def test_compile_does_not_recompile_after_warmup(repo_root, script_env, tmp_path):
