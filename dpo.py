@@ -24,7 +24,7 @@ from data import (AdditionTask, AnswerTask, BatchOrder, Tokenizer, UserError, ca
                   prefix_shared_logps)
 from losses import (average_logprobs, dpo_loss, hinge_loss, ipo_loss, kto_loss, kto_mismatched_indices,
                     orpo_loss, sequence_logprobs, sft_loss, simpo_loss)
-from model import GPT, GPTConfig, logprobs_from_logits
+from model import FLEX_AVAILABLE, GPT, GPTConfig, block_mask, logprobs_from_logits
 
 # -----------------------------------------------------------------------------------------------------------
 # default config: DPO on the embedded task, well under a minute on a 2-core CPU
@@ -53,6 +53,7 @@ reference_free = False    # dpo/ipo/hinge against a uniform reference (reference
 rpo_alpha = 0.0           # > 0: add rpo_alpha * NLL of the chosen response to a pairwise loss (RPO)
 precompute_ref = False    # one no-grad pass computes the reference log-probs, then the reference is freed
 prefix_sharing = False    # one row [prompt | chosen | rejected] per pair: the shared prompt is computed once
+attention = "auto"        # prefix-shared rows: 'flex' (FlexAttention), 'sdpa' (boolean mask), 'auto' = flex on CUDA
 # data: the embedded task (default), or a dataset (README: "Your own data")
 dataset = ""              # '' = pairs built on the embedded task; else a hub name or a local .jsonl/.json/.parquet
                           # of pairs (trl, hh, ultrafeedback, ...), unpaired kto rows, or solutions (gsm8k)
@@ -111,6 +112,12 @@ if loss_type == "kto" and batch_size < 2:
 
 t_start = time.time()
 rt = common.setup_runtime(device, dtype, seed, fsdp)
+if attention not in ("auto", "flex", "sdpa"):
+    raise UserError(f"unknown attention '{attention}': expected 'auto', 'flex' or 'sdpa'")
+if attention == "flex" and (not FLEX_AVAILABLE or rt.device_type != "cuda"):
+    raise UserError("attention='flex' needs a CUDA GPU and torch >= 2.5 (FlexAttention has no backward on a CPU)")
+use_flex = prefix_sharing and FLEX_AVAILABLE and (attention == "flex" or
+                                                  (attention == "auto" and rt.device_type == "cuda"))
 
 # 1. the models: policy = the SFT model (or a fresh one), reference = a frozen copy of it
 if init_from == "scratch":
@@ -213,7 +220,8 @@ def concatenated_logps(model, pairs):
         T = max(len(p) + len(c) + len(r) - 2 for p, c, r in pairs)
         batch = {k: v.to(rt.device) for k, v in collate_prefix_shared(
             pairs, tok.pad_id, common.padded_length(T, 2 * block_size, compile)).items()}
-        logits, _ = model(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"])
+        mask = block_mask(batch["attn_mask"]) if use_flex else batch["attn_mask"]
+        logits, _ = model(batch["idx"], pos=batch["pos"], attn_mask=mask)
         return prefix_shared_logps(logits, batch)
     T = max(len(p) + max(len(c), len(r)) for p, c, r in pairs) - 1
     idx, targets, mask = collate_pairs(pairs, tok.pad_id, common.padded_length(T, block_size, compile))

@@ -19,6 +19,13 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+try:  # FlexAttention (torch >= 2.5): block-sparse masks that keep a fused kernel; optional
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:
+    BlockMask = create_block_mask = flex_attention = None
+FLEX_AVAILABLE = flex_attention is not None
+_compiled_flex = None  # flex_attention is only fast compiled; compiled once, on first use on a GPU
+
 
 @dataclass
 class GPTConfig:
@@ -54,11 +61,29 @@ class CausalSelfAttention(nn.Module):
         if attn_mask is None:
             # the common case: plain causal attention, which lets SDPA pick its fastest kernel
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif BlockMask is not None and isinstance(attn_mask, BlockMask):  # FlexAttention (no dropout)
+            y = flex(q, k, v, attn_mask)
         else:
             # attn_mask: bool (B or 1, 1, T, T), True = may attend. The caller builds causality into it.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+def flex(q, k, v, block_mask):
+    """flex_attention, compiled on a GPU (where it becomes one fused kernel that skips masked blocks); on a CPU
+    it runs eagerly, which is correct but slow, so there SDPA with a boolean mask is the default."""
+    global _compiled_flex
+    if q.is_cuda:
+        _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, block_mask=block_mask)
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+def block_mask(dense):
+    """A boolean mask (B, 1, T, T), True = may attend, as a FlexAttention BlockMask over the same pattern."""
+    B, _, T, _ = dense.shape
+    return create_block_mask(lambda b, h, q, kv: dense[b, 0, q, kv], B, None, T, T, device=dense.device)
 
 
 class MLP(nn.Module):
@@ -144,7 +169,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, pos=None, attn_mask=None, last_only=False):
         """idx: (B, T) token ids. pos: (B, T) or (T,) position ids, default 0..T-1.
-        attn_mask: None for causal attention, or bool (B, 1, T, T) with True = may attend.
+        attn_mask: None for causal attention, bool (B, 1, T, T) with True = may attend, or a FlexAttention
+        BlockMask (model.block_mask).
         Returns (logits, loss): logits (B, T, V), or (B, 1, V) with last_only; loss is the mean
         cross-entropy over targets != -1 when targets are given, else None."""
         B, T = idx.size()

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from data import collate_pairs, collate_prefix_shared, prefix_shared_logps
+import model as model_module
 from model import GPT, GPTConfig
 
 E, PAD = 256, 257  # the byte tokenizer's EOS and padding ids
@@ -115,3 +116,20 @@ def test_leaky_mask_is_detected(model):
         logits, _ = model(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"])
         _, sr, _, _ = prefix_shared_logps(logits, batch)
     assert (sr - pr).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(not model_module.FLEX_AVAILABLE, reason="this torch has no FlexAttention")
+def test_flex_attention_block_mask_equals_the_boolean_mask():
+    # what dpo.py runs on a GPU with --prefix_sharing (attention='auto'): the same mask as a FlexAttention
+    # BlockMask. A CPU has no FlexAttention backward, so this checks the forward, without gradients.
+    import warnings
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=32, vocab_size=40, n_layer=2, n_head=2, n_embd=16)).eval()
+    pairs = [([1, 2, 3], [4, 5, 39], [6, 39]), ([7], [8, 39], [9, 10, 11, 39])]
+    batch = collate_prefix_shared(pairs, pad_id=0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention on a CPU warns that it is slow
+        dense, _ = gpt(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"])
+        flex, _ = gpt(batch["idx"], pos=batch["pos"], attn_mask=model_module.block_mask(batch["attn_mask"]))
+    real = batch["attn_mask"][:, 0].diagonal(dim1=1, dim2=2) & (batch["idx"] != 0)  # non-padding positions
+    assert (dense - flex)[real].abs().max().item() < 1e-5
