@@ -107,6 +107,7 @@ def micro_batches(batch_size, gas, world_size):
 
 @dataclass
 class Runtime:
+    """Where and how this process runs: device, autocast dtype, and its place in a DDP / FSDP job."""
     device: str
     device_type: str       # 'cuda' or 'cpu', for autocast
     dtype: str             # 'float32', 'bfloat16' or 'float16'
@@ -164,12 +165,14 @@ def setup_runtime(device="auto", dtype="auto", seed=1, fsdp=False):
 
 
 def all_reduce_sum(t, rt):
+    """Sum a tensor over ranks in place (a no-op in one process)."""
     if rt.ddp:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def cleanup(rt):
+    """Leave the process group at the end of a DDP / FSDP run."""
     if rt.ddp:
         # wait for rank 0's last checkpoint write: a rank that tears gloo down while another still uses it can
         # abort at exit ("terminate called without an active exception")
@@ -483,6 +486,7 @@ def summary(results):
 # Training state: what a checkpoint needs beyond the weights to continue a run exactly
 
 def rng_state():
+    """Every RNG a run draws from (torch, numpy, python, CUDA), as torch.load(weights_only=True) accepts it."""
     state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -501,6 +505,7 @@ def _python_state():
 
 
 def set_rng_state(state):
+    """Restore what rng_state() saved."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))

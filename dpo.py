@@ -156,6 +156,7 @@ block_size = policy.config.block_size
 # (chosen) over the SFT model's own mistake (rejected), sampled now from the policy, which is still the SFT model.
 # A preference dataset: its pairs as published. KTO: unpaired rows (a pair gives one of each label).
 def generate_fn(prompts, temperature, _g=torch.Generator(device=rt.device).manual_seed(seed)):
+    """Completions (text) of the policy -- still the SFT model when pairs are built -- greedy or sampled."""
     policy.eval()
     outs = []
     for i in range(0, len(prompts), 500):
@@ -279,6 +280,8 @@ if rt.master:
 
 
 def make_batch(indices, data=train_data):
+    """Rows `indices` of `data` (pairs, or KTO rows) and their precomputed reference log-probs if any; the
+    rows are collated later, for each model, by concatenated_logps / sequence_logps."""
     batch = {"rows": [data[i] for i in indices]}
     if id(data) in ref_tables:
         batch["ref_logps"] = ref_tables[id(data)][indices].to(rt.device)  # (B, 2)
@@ -304,6 +307,7 @@ def step_flops(rows, live_reference):
 
 
 def reward_metrics(chosen_rewards, rejected_rewards):
+    """TRL's rewards/* metrics of a micro-batch."""
     return {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
             "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean()}
@@ -332,6 +336,8 @@ def kto_step(rows):
 
 
 def compute_loss(batch):
+    """The micro-batch's loss for --loss_type and its metrics (TRL's names): policy forward with gradients,
+    reference forward under no_grad (or its precomputed log-probs, or none)."""
     rows = batch["rows"]
     if loss_type == "kto":
         return kto_step(rows)
@@ -377,6 +383,7 @@ def describe(r):
 
 
 def evaluate():
+    """Held-out task_accuracy (embedded task, GSM8K) and/or eval_loss, eval_rewards/... (held-out pairs)."""
     results = {"task_accuracy": common.evaluate_task(policy, task, tok, rt)} if task is not None else {}
     if eval_data:  # held-out preference metrics: eval_loss, eval_rewards/accuracies, ...
         results.update(common.evaluate_loss(policy, compute_loss, make_batch, eval_data, batch_size, rt))
@@ -389,6 +396,7 @@ if rt.master:
     summary = common.summary(results)
     if start_accuracy is not None and "task_accuracy" in results:  # "task_accuracy 45.3% (SFT) -> 79.3%, ..."
         summary = f"task_accuracy {start_accuracy:.1%} (SFT) -> " + summary[len("task_accuracy "):]
-    print(f"{loss_type.upper()} done: held-out {summary} in {time.time() - t_start:.0f} s, peak RSS {common.peak_rss_mb():.0f} MB "
+    print(f"{loss_type.upper()} done: held-out {summary} in {time.time() - t_start:.0f} s, "
+          f"peak RSS {common.peak_rss_mb():.0f} MB "
           f"-> {os.path.join(out_dir, 'ckpt.pt')}")
 common.cleanup(rt)

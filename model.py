@@ -29,6 +29,7 @@ _compiled_flex = None  # flex_attention is only fast compiled; compiled once, on
 
 @dataclass
 class GPTConfig:
+    """The model's shape; the names are nanoGPT's, so `--n_layer=2` works on the command line."""
     block_size: int = 64      # longest sequence the position table covers
     vocab_size: int = 258     # the byte tokenizer's 256 bytes + <|endoftext|> + <|pad|>
     n_layer: int = 4

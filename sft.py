@@ -129,6 +129,8 @@ if init_from == "resume":  # continue the run in out_dir exactly where its last 
 
 
 def make_batch(indices, data=train_data):
+    """Rows `indices` of `data` -> a right-padded batch on the device: idx, targets, mask (B, T), and the
+    token and FLOP counts for the stdout line."""
     rows = [data[i] for i in indices]
     T = max(len(p) + len(r) for p, r in rows) - 1
     idx, targets, mask = collate(rows, tok.pad_id, common.padded_length(T, block_size, compile))
@@ -145,6 +147,7 @@ def compute_loss(batch):
 
 
 def evaluate():
+    """Held-out task_accuracy (embedded task, GSM8K) and/or eval_loss (held-out rows of a dataset)."""
     results = {"task_accuracy": common.evaluate_task(model, task, tok, rt)} if task is not None else {}
     if eval_data:  # held-out NLL per response token
         results.update(common.evaluate_loss(model, compute_loss, make_batch, eval_data, batch_size, rt))
@@ -154,6 +157,7 @@ def evaluate():
 results = common.train_loop(rt, train_model, optimizer, config, order, make_batch, compute_loss, evaluate,
                             describe=lambda r: "", tokenizer=tokenizer, start_iter=start_iter, scaler=scaler)
 if rt.master:
-    print(f"SFT done: held-out {common.summary(results)} in {time.time() - t_start:.0f} s, peak RSS {common.peak_rss_mb():.0f} MB "
+    print(f"SFT done: held-out {common.summary(results)} in {time.time() - t_start:.0f} s, "
+          f"peak RSS {common.peak_rss_mb():.0f} MB "
           f"-> {os.path.join(out_dir, 'ckpt.pt')}")
 common.cleanup(rt)
