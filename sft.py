@@ -107,7 +107,11 @@ if rt.master and skipped.total():
 if init_from.startswith("gpt2"):
     if tokenizer != "gpt2":
         raise UserError(f"init_from='{init_from}' needs tokenizer='gpt2', not '{tokenizer}'")
-    model = GPT.from_hf_gpt2(init_from, block_size=block_size, dropout=dropout).to(rt.device)
+    try:  # transformers is optional, and the weights come from the hub (or its local cache)
+        model = GPT.from_hf_gpt2(init_from, block_size=block_size, dropout=dropout).to(rt.device)
+    except (ImportError, OSError) as e:
+        raise UserError(f"could not load GPT-2 weights '{init_from}' (pip install transformers; needs the hub or its "
+                        f"cache): {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}") from None
 elif init_from in ("scratch", "resume"):
     model = GPT(GPTConfig(block_size=block_size, vocab_size=tok.n_vocab, n_layer=n_layer, n_head=n_head,
                           n_embd=n_embd, dropout=dropout, bias=bias)).to(rt.device)

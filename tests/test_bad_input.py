@@ -51,6 +51,8 @@ SCRIPT_CASES = [
      "precompute_ref is not available for kto"),
     ("simpo_reference_free", "dpo.py", ["--loss_type=simpo", "--reference_free=True"],
      "reference_free applies to dpo, ipo and hinge, not 'simpo'"),
+    # offline (the tests set HF_HUB_OFFLINE): transformers cannot fetch the weights, and says so in one line
+    ("gpt2_weights_offline", "sft.py", ["--init_from=gpt2", "--tokenizer=gpt2", "--max_iters=1"], "could not load GPT-2"),
 ]
 
 
