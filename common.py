@@ -570,7 +570,7 @@ def save_training_checkpoint(cfg, iter_num, model, optimizer, order, scaler, tok
 # The training loop
 
 def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evaluate, describe, tokenizer,
-               start_iter=0, scaler=None, ckpt_extra=None):
+               start_iter=0, scaler=None, ckpt_extra=None, nonfinite_skipped=0):
     """Run optimizer steps start_iter .. cfg['max_iters']-1, then write the final checkpoint.
     Each step takes batch_size * gradient_accumulation_steps row indices from `order` (a data.BatchOrder, the
     same on every rank); rank r runs its own contiguous share of them in equal micro-batches (micro_batches), so
@@ -589,7 +589,8 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
     lr_decay_iters = cfg.get("lr_decay_iters") or max_iters
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     logger = MetricLogger(cfg["out_dir"], rt, start_iter)
-    results, t0, tokens, flops, iters_timed, nonfinite_run, nonfinite_total = {}, time.time(), 0, 0.0, 0, 0, 0
+    results, t0, tokens, flops, iters_timed, nonfinite_run = {}, time.time(), 0, 0.0, 0, 0
+    nonfinite_total = nonfinite_skipped  # carried over from the checkpoint a resumed run starts from
     peak = peak_flops(rt)[0] if rt.master else None  # for the MFU on stdout, as nanoGPT prints it
 
     def checkpoint(iter_num):

@@ -268,10 +268,12 @@ if reference is not None and compile:  # compiled on its own: it only ever runs 
     ref_model = torch.compile(reference, dynamic=False)
 scaler = common.grad_scaler(rt)
 order = BatchOrder(len(train_data), seed)
-start_iter = 0
+start_iter, nonfinite_skipped = 0, 0
 if init_from == "resume":
     path = os.path.join(out_dir, "ckpt.pt")
-    start_iter = common.resume_state(common.load_checkpoint(path, tok.name), policy, optimizer, order, scaler, path, rt)
+    run_ckpt = common.load_checkpoint(path, tok.name)
+    start_iter = common.resume_state(run_ckpt, policy, optimizer, order, scaler, path, rt)
+    nonfinite_skipped = run_ckpt.get("nonfinite_skipped", 0)
     if rt.master:
         print(f"resuming {path} from iter {start_iter}")
 if rt.master:
@@ -391,7 +393,8 @@ def evaluate():
 
 
 results = common.train_loop(rt, train_model, optimizer, config, order, make_batch, compute_loss, evaluate,
-                            describe, tok.name, start_iter, scaler, ckpt_extra={"sft_ckpt": sft_ckpt})
+                            describe, tok.name, start_iter, scaler, ckpt_extra={"sft_ckpt": sft_ckpt},
+                            nonfinite_skipped=nonfinite_skipped)
 if rt.master:
     summary = common.summary(results)
     if start_accuracy is not None and "task_accuracy" in results:  # "task_accuracy 45.3% (SFT) -> 79.3%, ..."

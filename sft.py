@@ -123,11 +123,12 @@ train_model = common.prepare_for_training(model, rt, compile)
 optimizer = common.configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
 scaler = common.grad_scaler(rt)
 order = BatchOrder(len(train_data), seed)
-start_iter = 0
+start_iter, nonfinite_skipped = 0, 0
 if init_from == "resume":  # continue the run in out_dir exactly where its last checkpoint left it
     path = os.path.join(out_dir, "ckpt.pt")
     ckpt = common.load_checkpoint(path, tokenizer, missing_hint=common.NOTHING_TO_RESUME)
     start_iter = common.resume_state(ckpt, model, optimizer, order, scaler, path, rt)
+    nonfinite_skipped = ckpt.get("nonfinite_skipped", 0)
     if rt.master:
         print(f"resuming {path} from iter {start_iter}")
 
@@ -159,7 +160,8 @@ def evaluate():
 
 
 results = common.train_loop(rt, train_model, optimizer, config, order, make_batch, compute_loss, evaluate,
-                            describe=lambda r: "", tokenizer=tokenizer, start_iter=start_iter, scaler=scaler)
+                            describe=lambda r: "", tokenizer=tokenizer, start_iter=start_iter, scaler=scaler,
+                            nonfinite_skipped=nonfinite_skipped)
 if rt.master:
     print(f"SFT done: held-out {common.summary(results)} in {time.time() - t_start:.0f} s, "
           f"peak RSS {common.peak_rss_mb():.0f} MB "

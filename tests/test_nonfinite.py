@@ -31,7 +31,7 @@ def make_cfg(out_dir, **kw):
     return cfg
 
 
-def run(tmp_path, bad_steps, how="loss", **cfg_kw):
+def run(tmp_path, bad_steps, how="loss", nonfinite_skipped=0, **cfg_kw):
     """Train a tiny GPT with common.train_loop; the loss (or only its gradient) is NaN at calls in bad_steps.
     Returns (model, optimizer, params seen at the start of each step, cfg)."""
     rt = common.setup_runtime("cpu", "float32", seed=3)
@@ -57,7 +57,8 @@ def run(tmp_path, bad_steps, how="loss", **cfg_kw):
         return loss, {}
 
     common.train_loop(rt, model, optimizer, cfg, BatchOrder(N_ROWS, 1), make_batch, compute_loss,
-                      evaluate=lambda: {"score": 1.0}, describe=lambda r: "", tokenizer="byte")
+                      evaluate=lambda: {"score": 1.0}, describe=lambda r: "", tokenizer="byte",
+                      nonfinite_skipped=nonfinite_skipped)
     return model, optimizer, seen, cfg
 
 
@@ -141,3 +142,11 @@ def test_fully_masked_batch_gives_zero_loss_and_zero_gradients():
     (loss + simpo + dpo).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
+
+
+def test_the_count_continues_across_a_resume(tmp_path):
+    # a resumed run passes its checkpoint's count on (sft.py / dpo.py read it from ckpt.pt): 2 earlier + 1 now
+    run(tmp_path, {1}, nonfinite_skipped=2)
+    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["nonfinite_skipped"] == 3
+    assert [r.get("nonfinite_skipped") for r in records(tmp_path) if "loss" in r][1:3] == [3, 3]
