@@ -83,6 +83,8 @@ def check_config(cfg):
             raise UserError(f"{key}={cfg[key]!r} makes no sense: expected {expected}")
     if cfg.get("n_head", 0) >= 1 and cfg.get("n_embd", 0) % cfg.get("n_head", 1) != 0:
         raise UserError(f"n_embd={cfg['n_embd']} is not divisible by n_head={cfg['n_head']}")
+    if "compile" in cfg and cfg["compile"] not in (None, True, False):
+        raise UserError(f"compile={cfg['compile']!r} makes no sense: expected True, False or None (on with CUDA)")
     world_size = int(os.environ.get("WORLD_SIZE", 1))  # set by torchrun; checked before any process group exists
     gas, B = cfg.get("gradient_accumulation_steps", 1), cfg.get("batch_size", 1)
     if isinstance(gas, int) and isinstance(B, int) and gas >= 1 and B >= 1:

@@ -34,7 +34,7 @@ sft_ckpt = "out/sft/ckpt.pt"
 seed = 1
 device = "auto"
 dtype = "auto"
-compile = False
+compile = None            # torch.compile: None = on with CUDA, off on a CPU; True / False to choose
 fsdp = False              # torchrun only: shard parameters, gradients and optimizer state with FSDP2
 eval_interval = 50
 log_interval = 10
@@ -112,6 +112,8 @@ if loss_type == "kto" and batch_size < 2:
 
 t_start = time.time()
 rt = common.setup_runtime(device, dtype, seed, fsdp)
+if compile is None:  # decided now that the device is known, and recorded with the run
+    compile = config["compile"] = rt.device_type == "cuda"
 if attention not in ("auto", "flex", "sdpa"):
     raise UserError(f"unknown attention '{attention}': expected 'auto', 'flex' or 'sdpa'")
 if attention == "flex" and (not FLEX_AVAILABLE or rt.device_type != "cuda"):

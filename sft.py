@@ -29,7 +29,8 @@ out_dir = "out/sft"
 seed = 1
 device = "auto"           # 'auto' = cuda if available, else cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"            # 'auto' = bfloat16 on CUDA when supported, else float32; or 'float32', 'bfloat16'
-compile = False           # torch.compile the model (costs ~30 s up front on a CPU for a small speed-up)
+compile = None            # torch.compile: None = on with CUDA, off on a CPU (where it costs ~30 s up front
+                          # for a small speed-up); True / False to choose
 fsdp = False              # torchrun only: shard parameters, gradients and optimizer state with FSDP2
 eval_interval = 200
 log_interval = 50
@@ -79,6 +80,8 @@ common.check_config(config)  # nonsense values (batch_size=0, ...) stop here, in
 
 t_start = time.time()
 rt = common.setup_runtime(device, dtype, seed, fsdp)
+if compile is None:  # decided now that the device is known, and recorded with the run
+    compile = config["compile"] = rt.device_type == "cuda"
 tok = Tokenizer(tokenizer)
 
 # the demonstrations, as token ids: the embedded task's imperfect ones, or a dataset's

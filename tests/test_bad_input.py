@@ -46,6 +46,7 @@ SCRIPT_CASES = [
      "not_utf8.jsonl is not UTF-8 text: invalid byte at offset 51"),
     ("dataset_truncated_json", "dpo.py", ["--dataset={d}/truncated.jsonl", "--init_from=scratch", "--loss_type=orpo"],
      "JSON parse error"),
+    ("compile_not_bool", "dpo.py", ["--compile=yes"], "compile='yes' makes no sense"),
     ("kto_batch_size_1", "dpo.py", ["--loss_type=kto", "--batch_size=1"], "kto needs batch_size >= 2"),
     ("kto_precompute_ref", "dpo.py", ["--loss_type=kto", "--precompute_ref=True"],
      "precompute_ref is not available for kto"),
