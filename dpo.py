@@ -131,8 +131,8 @@ if init_from == "scratch":
 else:
     if init_from == "resume":  # the run's own checkpoint names the SFT checkpoint its reference came from
         # (written back into config too: this run's checkpoints must name it for the next resume)
-        run_config = common.load_checkpoint(os.path.join(out_dir, "ckpt.pt"),
-                                            missing_hint=common.NOTHING_TO_RESUME)["config"]
+        run_ckpt = common.load_checkpoint(os.path.join(out_dir, "ckpt.pt"), missing_hint=common.NOTHING_TO_RESUME)
+        run_config = run_ckpt["config"]
         if "sft_ckpt" not in run_config:
             raise UserError(f"{os.path.join(out_dir, 'ckpt.pt')} was not written by dpo.py (its config names no "
                             "sft_ckpt): point --out_dir at a dpo.py run to resume it")
@@ -273,7 +273,9 @@ order = BatchOrder(len(train_data), seed)
 start_iter, nonfinite_skipped = 0, 0
 if init_from == "resume":
     path = os.path.join(out_dir, "ckpt.pt")
-    run_ckpt = common.load_checkpoint(path, tok.name)
+    if run_ckpt.get("tokenizer") != tok.name:  # (read once above, where it named the SFT checkpoint)
+        raise UserError(f"{path} was trained with tokenizer '{run_ckpt.get('tokenizer')}', its SFT checkpoint "
+                        f"with '{tok.name}'")
     start_iter = common.resume_state(run_ckpt, policy, optimizer, order, scaler, path, rt)
     nonfinite_skipped = run_ckpt.get("nonfinite_skipped", 0)
     if rt.master:
