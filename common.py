@@ -174,12 +174,18 @@ def all_reduce_sum(t, rt):
 
 
 def cleanup(rt):
-    """Leave the process group at the end of a DDP / FSDP run."""
+    """The last call of a script: under DDP / FSDP, leave the process group and end the process."""
     if rt.ddp:
         # wait for rank 0's last checkpoint write: a rank that tears gloo down while another still uses it can
         # abort at exit ("terminate called without an active exception")
         dist.barrier()
         dist.destroy_process_group()
+        # Then leave at once, skipping the interpreter's teardown: on a loaded machine a process could still
+        # abort the same way *after* destroy_process_group, while Python freed the (FSDP-sharded) models at
+        # exit -- 4 of 40 two-process FSDP runs did, 0 of 40 with this exit. Everything is written and closed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def shard(model):
