@@ -10,6 +10,10 @@ faster DPO configurations buy? Times, after warm-up, five kinds of optimizer ste
                       B rows instead of 2B, the prompt run once, for policy and reference
   prefix_precomputed  packed rows, precomputed reference log-probs
 
+and then generation (what building on-policy pairs and task evaluation run): the B prompts continued greedily
+by response_len - 1 tokens with model.generate, with its KV cache and without (every step re-running the
+sequence), the outputs checked equal.
+
 Every step is what dpo.py / sft.py run: model.GPT, common.configure_optimizer (AdamW), losses.dpo_loss /
 losses.sft_loss, data.collate_pairs / data.collate_prefix_shared, gradient clipping at 1.0. Batches are collated
 and moved to the device before timing (collation is timed on its own and reported as collate_ms). The kinds
@@ -69,6 +73,7 @@ device = "auto"
 dtype = "auto"            # 'auto' = bfloat16 on CUDA when supported, else float32
 compile = False
 beta = 0.1
+generation = True         # also time model.generate with and without its KV cache
 out = "out/bench.json"    # '' = print only
 # -----------------------------------------------------------------------------------------------------------
 config = apply_overrides(globals())
@@ -340,6 +345,35 @@ if rt.device_type == "cpu":
 print(f"fastest DPO configuration: {fastest}, {results[fastest]['speedup_vs_dpo_live']:.2f}x faster per pair "
       f"than dpo_live")
 
+# -----------------------------------------------------------------------------------------------------------
+# Generation: the KV cache against re-running the whole sequence per new token (greedy, no EOS: full length)
+
+generation_results = None
+if generation:
+    prompts, new_tokens = [p for p, _, _ in pairs], R - 1  # prompt + new tokens fit the position table
+    policy.eval()
+    gen_ms, gen_out = {}, {}
+    for use_cache in (True, False):
+        with rt.autocast():
+            policy.generate(prompts[:2], 4, EOS + 2, PAD, use_cache=use_cache)  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            gen_out[use_cache] = policy.generate(prompts, new_tokens, EOS + 2, PAD, use_cache=use_cache)
+            sync()
+        gen_ms[use_cache] = (time.perf_counter() - t0) * 1000
+    generation_results = {
+        "prompts": B, "prompt_len": P, "new_tokens": new_tokens,
+        "ms_cache": gen_ms[True], "ms_no_cache": gen_ms[False],
+        "new_tokens_per_s_cache": B * new_tokens / gen_ms[True] * 1000,
+        "new_tokens_per_s_no_cache": B * new_tokens / gen_ms[False] * 1000,
+        "speedup": gen_ms[False] / gen_ms[True], "same_outputs": gen_out[True] == gen_out[False]}
+    gen = generation_results
+    print(f"generate {B} x {new_tokens} new tokens after {P}-token prompts (greedy): KV cache "
+          f"{gen['ms_cache']:,.0f} ms ({gen['new_tokens_per_s_cache']:,.0f} tok/s), no cache "
+          f"{gen['ms_no_cache']:,.0f} ms ({gen['new_tokens_per_s_no_cache']:,.0f} tok/s): {gen['speedup']:.1f}x; "
+          f"outputs {'identical' if gen['same_outputs'] else 'DIFFER'}")
+
+
 def device_name():
     if rt.device_type == "cuda":
         return torch.cuda.get_device_name()
@@ -376,7 +410,7 @@ report = {
     "peak_flops": peak, "peak_flops_cpu_time": peak_cpu, "peak_note": peak_note, "cpu_share": busy,
     "steps": results, "fastest_dpo": fastest,
     "fastest_dpo_speedup_vs_dpo_live": results[fastest]["speedup_vs_dpo_live"],
-    "loss_agreement": agreement,
+    "loss_agreement": agreement, "generation": generation_results,
     "targets": {k: {"value": v, "ok": ok} for k, (v, ok) in targets.items()},
 }
 if out:

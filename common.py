@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import configurator
 from data import Tokenizer, UserError
 from model import GPT, GPTConfig
 
@@ -346,9 +347,6 @@ def save_checkpoint(path, model, config, tokenizer, model_state=None, **extra):
     os.replace(tmp, path)
 
 
-NOTHING_TO_RESUME = "nothing to resume: --out_dir must be the folder of the run to continue"
-
-
 def load_checkpoint(path, tokenizer=None, missing_hint="run sft.py first, or pass --sft_ckpt=..."):
     """Load a checkpoint onto the CPU (weights_only: a checkpoint cannot run code). Checks the format and, when
     `tokenizer` is given, that the checkpoint was trained with it. missing_hint: what to do when there is none."""
@@ -368,6 +366,25 @@ def load_checkpoint(path, tokenizer=None, missing_hint="run sft.py first, or pas
         raise UserError(f"checkpoint {path} was trained with tokenizer '{ckpt.get('tokenizer')}', "
                         f"this run uses '{tokenizer}'")
     return ckpt
+
+
+def load_run_checkpoint(out_dir):
+    """(path, contents) of the checkpoint of the run in out_dir, which --init_from=resume continues."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    return path, load_checkpoint(path, missing_hint="nothing to resume: --out_dir must be the folder of the run "
+                                                    "to continue")
+
+
+def keep_checkpoint_settings(config, values, path):
+    """A resumed run keeps what its checkpoint was trained with (model shape, tokenizer, ...), as nanoGPT does:
+    `values` {key: the checkpoint's value} go into `config`, unless the command line or a config file set one
+    of them to something else, which is an error. Returns `values`."""
+    for key, value in values.items():
+        if key in configurator.overridden and configurator.overridden[key] != value:
+            raise UserError(f"{path} has {key}={value!r}, but this run sets {key}="
+                            f"{configurator.overridden[key]!r}: a resumed run keeps its checkpoint's")
+        config[key] = value
+    return values
 
 
 def load_state_strict(model, state_dict, path="checkpoint"):

@@ -15,6 +15,7 @@ import difflib
 import sys
 
 SIMPLE_TYPES = (int, float, bool, str, type(None))
+overridden = {}  # what the last apply_overrides set from the command line or a config file: {key: value}
 
 
 class ConfigError(ValueError):
@@ -95,4 +96,6 @@ def apply_overrides(g, argv=None):
     for k, v in updates.items():
         print(f"config: {k} = {v!r}")
         g[k] = v
+    overridden.clear()
+    overridden.update(updates)
     return {k: g[k] for k in keys}

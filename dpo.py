@@ -102,9 +102,6 @@ if init_from not in ("sft", "resume", "scratch"):
 needs_reference = loss_type in ("dpo", "ipo", "hinge", "kto") and not (reference_free and loss_type != "kto")
 if reference_free and loss_type not in ("dpo", "ipo", "hinge"):
     raise UserError(f"reference_free applies to dpo, ipo and hinge, not '{loss_type}'")
-if init_from == "scratch" and needs_reference:
-    raise UserError(f"init_from='scratch' leaves no reference model for '{loss_type}': use orpo, simpo, sft or "
-                    "--reference_free=True")
 if precompute_ref and loss_type == "kto":
     raise UserError("precompute_ref is not available for kto: its KL term pairs completions across each batch")
 if loss_type == "kto" and batch_size < 2:
@@ -122,23 +119,34 @@ use_flex = prefix_sharing and FLEX_AVAILABLE and (attention == "flex" or
                                                   (attention == "auto" and rt.device_type == "cuda"))
 
 # 1. the models: policy = the SFT model (or a fresh one), reference = a frozen copy of it
-if init_from == "scratch":
+from_scratch = init_from == "scratch"
+if init_from == "resume":  # the run's own checkpoint names the SFT checkpoint its reference came from
+    run_path, run_ckpt = common.load_run_checkpoint(out_dir)
+    run_config = run_ckpt["config"]
+    if "sft_ckpt" not in run_config:
+        raise UserError(f"{run_path} was not written by dpo.py (its config names no sft_ckpt): point --out_dir "
+                        "at a dpo.py run to resume it")
+    # written back into config: this run's checkpoints must name it too, for the next resume
+    sft_ckpt = config["sft_ckpt"] = run_config["sft_ckpt"]
+    from_scratch = not sft_ckpt or run_config.get("init_from") == "scratch"
+if from_scratch:
+    if needs_reference:
+        raise UserError(f"a run from init_from='scratch' has no reference model for '{loss_type}': use orpo, simpo, "
+                        "sft or --reference_free=True")
+    sft_ckpt = config["sft_ckpt"] = ""  # there is none (and a resume reads it so)
+    if init_from == "resume":  # the model's shape, tokenizer and task are the run's own
+        own = {k: run_config.get(k) for k in ("n_layer", "n_head", "n_embd", "block_size", "n_digits", "n_eval",
+                                              "task_seed")}
+        common.keep_checkpoint_settings(config, dict(own, tokenizer=run_ckpt["tokenizer"]), run_path)
+        tokenizer, n_digits, n_eval, task_seed = (config[k] for k in ("tokenizer", "n_digits", "n_eval", "task_seed"))
+        policy = common.model_from_checkpoint(run_ckpt, run_path, dropout=0.0)  # resume_state loads it again
     tok = Tokenizer(tokenizer)
-    policy = GPT(GPTConfig(block_size=block_size, vocab_size=tok.n_vocab, n_layer=n_layer, n_head=n_head,
-                           n_embd=n_embd, dropout=0.0))
+    if init_from == "scratch":
+        policy = GPT(GPTConfig(block_size=block_size, vocab_size=tok.n_vocab, n_layer=n_layer, n_head=n_head,
+                               n_embd=n_embd, dropout=0.0))
     task = AdditionTask(n_digits, n_eval, task_seed)
     start_accuracy = None
 else:
-    if init_from == "resume":  # the run's own checkpoint names the SFT checkpoint its reference came from
-        # (written back into config too: this run's checkpoints must name it for the next resume)
-        run_ckpt = common.load_checkpoint(os.path.join(out_dir, "ckpt.pt"), missing_hint=common.NOTHING_TO_RESUME)
-        run_config = run_ckpt["config"]
-        if "sft_ckpt" not in run_config:
-            raise UserError(f"{os.path.join(out_dir, 'ckpt.pt')} was not written by dpo.py (its config names no "
-                            "sft_ckpt): point --out_dir at a dpo.py run to resume it")
-        if run_config.get("init_from") == "scratch":  # its model and pairs never came from sft_ckpt
-            raise UserError("resuming a dpo.py run that started with init_from='scratch' is not supported yet")
-        sft_ckpt = config["sft_ckpt"] = run_config["sft_ckpt"]
     ckpt = common.load_checkpoint(sft_ckpt)
     tok = Tokenizer(ckpt["tokenizer"])
     # dropout off: log-probs must be deterministic, and the policy must equal the reference at step 0
@@ -177,7 +185,7 @@ if kind == "sft":  # solutions with a checkable final answer: on-policy pairs, a
     task = AnswerTask(solutions, eval_solutions, n_eval)
     kind = "task"
 if kind == "task":
-    rows, sources = task.build_pairs(generate_fn if init_from != "scratch" else None, n_pairs, n_samples,
+    rows, sources = task.build_pairs(None if from_scratch else generate_fn, n_pairs, n_samples,
                                      sample_temperature, seed)
     report = "pairs: rejected answers from " + ", ".join(f"{n} {k}" for k, n in sources.items() if n)
 else:
@@ -271,15 +279,14 @@ if reference is not None and compile:  # compiled on its own: it only ever runs 
 scaler = common.grad_scaler(rt)
 order = BatchOrder(len(train_data), seed)
 start_iter, nonfinite_skipped = 0, 0
-if init_from == "resume":
-    path = os.path.join(out_dir, "ckpt.pt")
-    if run_ckpt.get("tokenizer") != tok.name:  # (read once above, where it named the SFT checkpoint)
-        raise UserError(f"{path} was trained with tokenizer '{run_ckpt.get('tokenizer')}', its SFT checkpoint "
+if init_from == "resume":  # (run_ckpt was read in step 1)
+    if run_ckpt.get("tokenizer") != tok.name:
+        raise UserError(f"{run_path} was trained with tokenizer '{run_ckpt.get('tokenizer')}', its SFT checkpoint "
                         f"with '{tok.name}'")
-    start_iter = common.resume_state(run_ckpt, policy, optimizer, order, scaler, path, rt)
+    start_iter = common.resume_state(run_ckpt, policy, optimizer, order, scaler, run_path, rt)
     nonfinite_skipped = run_ckpt.get("nonfinite_skipped", 0)
     if rt.master:
-        print(f"resuming {path} from iter {start_iter}")
+        print(f"resuming {run_path} from iter {start_iter}")
 if rt.master:
     n_models = 1 + (reference is not None)
     print(f"loss_type {loss_type}: {n_models} model(s) in memory, {len(train_data)} training rows")

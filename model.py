@@ -9,7 +9,7 @@ Beyond nanoGPT it offers what preference optimisation needs:
     differences of sums of these; bf16 rounding would swamp a small margin);
   - optional position ids and attention masks, so left-padded batches and prefix-shared sequences work;
   - batched generation from prompts of different lengths (greedy, or temperature / top-k sampling) that stops
-    each row at EOS.
+    each row at EOS, with a KV cache so each new token runs through the model once.
 """
 
 import math
@@ -39,9 +39,32 @@ class GPTConfig:
     bias: bool = True         # GPT-2 has biases in Linear and LayerNorm
 
 
+class KVCache:
+    """The keys and values of every layer for the tokens run so far. With it, generation feeds each new token
+    through the model once (attending to the cached ones) instead of re-running the whole sequence per token:
+    O(T) work per new token instead of O(T^2)."""
+
+    def __init__(self, n_layer, max_len):
+        self.k, self.v = [None] * n_layer, [None] * n_layer  # per layer: (B, n_head, max_len, head_size)
+        self.max_len = max_len
+        self.filled = 0  # tokens cached so far; GPT.forward advances it after all the layers have appended
+
+    def append(self, layer, k, v):
+        """k, v: (B, n_head, T, head_size) of T new tokens -> those of every token so far, (B, n_head,
+        filled + T, head_size), views into the cache."""
+        B, H, T, D = k.shape
+        if self.k[layer] is None:  # allocated on first use, in the dtype autocast gives k and v
+            self.k[layer], self.v[layer] = k.new_empty(B, H, self.max_len, D), v.new_empty(B, H, self.max_len, D)
+        end = self.filled + T
+        assert end <= self.max_len, f"KV cache of {self.max_len} tokens is full"
+        self.k[layer][:, :, self.filled:end] = k
+        self.v[layer][:, :, self.filled:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, layer_idx=0):
         super().__init__()
         assert config.n_embd % config.n_head == 0
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
@@ -50,22 +73,27 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.layer_idx = layer_idx  # which slot of a KVCache is this layer's
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x, attn_mask=None, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if cache is not None:  # generation: the new tokens attend to the cached ones too
+            k, v = cache.append(self.layer_idx, k, v)  # (B, n_head, tokens so far, head_size)
         dropout_p = self.dropout if self.training else 0.0
         if attn_mask is None:
-            # the common case: plain causal attention, which lets SDPA pick its fastest kernel
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+            # the common case: plain causal attention, which lets SDPA pick its fastest kernel. A single query
+            # (one new token after cached ones) sees every key: is_causal would align it with the first key only
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=T > 1)
         elif BlockMask is not None and isinstance(attn_mask, BlockMask):  # FlexAttention (no dropout)
             y = flex(q, k, v, attn_mask)
         else:
-            # attn_mask: bool (B or 1, 1, T, T), True = may attend. The caller builds causality into it.
+            # attn_mask: bool (B or 1, 1, T, S), True = may attend (S = T, or the tokens so far with a cache).
+            # The caller builds causality into it.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -104,15 +132,15 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, config):
+    def __init__(self, config, layer_idx=0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(self, x, attn_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -133,7 +161,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -168,19 +196,24 @@ class GPT(nn.Module):
         flops = 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
         return flops if train else flops / 3
 
-    def forward(self, idx, targets=None, pos=None, attn_mask=None, last_only=False):
+    def forward(self, idx, targets=None, pos=None, attn_mask=None, last_only=False, cache=None):
         """idx: (B, T) token ids. pos: (B, T) or (T,) position ids, default 0..T-1.
         attn_mask: None for causal attention, bool (B, 1, T, T) with True = may attend, or a FlexAttention
-        BlockMask (model.block_mask).
+        BlockMask (model.block_mask). cache: a KVCache (generation): idx are the tokens after the cached ones,
+        either all of the first ones or one at a time, and attn_mask, if any, is (B, 1, T, cached + T).
         Returns (logits, loss): logits (B, T, V), or (B, 1, V) with last_only; loss is the mean
         cross-entropy over targets != -1 when targets are given, else None."""
         B, T = idx.size()
+        start = 0 if cache is None else cache.filled
+        assert start == 0 or T == 1, "after the first call, a KV cache takes one new token at a time"
         if pos is None:  # (a packed, prefix-shared row may be longer than block_size: its positions are not)
-            assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
-            pos = torch.arange(T, dtype=torch.long, device=idx.device)
+            assert start + T <= self.config.block_size, f"{start + T} tokens > block_size {self.config.block_size}"
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for block in self.transformer.h:
-            x = block(x, attn_mask)
+            x = block(x, attn_mask, cache)
+        if cache is not None:
+            cache.filled += T
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, [-1], :]  # generation only needs the next token: skip T-1 rows of the lm_head matmul
@@ -198,13 +231,16 @@ class GPT(nn.Module):
         return logprobs_from_logits(logits, targets)
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, top_k=None, generator=None):
+    def generate(self, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, top_k=None, generator=None,
+                 use_cache=True):
         """Continue each prompt (a list of token-id lists, lengths may differ) until EOS or max_new_tokens.
         temperature 0 is greedy; otherwise sample from softmax(logits / temperature), restricted to the top_k
         tokens when given. Returns a list of generated id lists, EOS excluded.
         Prompts are left-padded so every row's next token sits in the last column; padding is kept out of
         attention by a mask and position ids count real tokens only, so a row's output does not depend on
-        what else is in the batch. There is no KV cache: each step re-runs the (short) sequence."""
+        what else is in the batch. With use_cache the prompts run once and each new token then runs alone against
+        a KVCache; without it, and once a row would pass block_size, every step re-runs the last block_size
+        tokens, as nanoGPT's generate does (the only way past block_size with learned positions)."""
         device = self.transformer.wte.weight.device
         B, L = len(prompts), max(len(p) for p in prompts)
         idx = torch.full((B, L), pad_id, dtype=torch.long, device=device)
@@ -215,19 +251,28 @@ class GPT(nn.Module):
             idx[i, L - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
             real[i, L - len(p):] = True
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            idx_cond, real_cond = idx[:, -self.config.block_size:], real[:, -self.config.block_size:]
-            T = idx_cond.size(1)
-            if real_cond.all():
-                pos, mask = None, None
-            else:
-                pos = (real_cond.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
-                causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-                mask = causal[None] & real_cond[:, None, :]
-                # a padding query sees only itself, so no row of the softmax is empty (an empty row is NaN)
-                mask = mask | torch.eye(T, dtype=torch.bool, device=device)[None]
-                mask = mask[:, None]  # (B, 1, T, T)
-            logits, _ = self(idx_cond, pos=pos, attn_mask=mask, last_only=True)
+        cache = KVCache(self.config.n_layer, min(L + max_new_tokens, self.config.block_size)) if use_cache else None
+        for step in range(max_new_tokens):
+            if cache is not None and idx.size(1) > self.config.block_size:
+                cache = None  # full: from here on a sliding window
+            if cache is not None and step > 0:
+                # only the newest token runs; it attends to every real token before it (and to itself)
+                idx_cond = idx[:, -1:]
+                pos = (real.long().sum(1, keepdim=True) - 1).clamp(min=0)  # (B, 1): real tokens before it
+                mask = real[:, None, None, :]  # (B, 1, 1, tokens so far)
+            else:  # the whole (last block_size tokens of the) sequence
+                idx_cond, real_cond = idx[:, -self.config.block_size:], real[:, -self.config.block_size:]
+                T = idx_cond.size(1)
+                if real_cond.all():
+                    pos, mask = None, None
+                else:
+                    pos = (real_cond.long().cumsum(1) - 1).clamp(min=0)  # (B, T)
+                    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+                    mask = causal[None] & real_cond[:, None, :]
+                    # a padding query sees only itself, so no row of the softmax is empty (an empty row is NaN)
+                    mask = mask | torch.eye(T, dtype=torch.bool, device=device)[None]
+                    mask = mask[:, None]  # (B, 1, T, T)
+            logits, _ = self(idx_cond, pos=pos, attn_mask=mask, last_only=True, cache=cache)
             logits = logits[:, -1, :].float()  # (B, V)
             if temperature == 0.0:
                 next_id = logits.argmax(dim=-1)

@@ -82,6 +82,11 @@ t_start = time.time()
 rt = common.setup_runtime(device, dtype, seed, fsdp)
 if compile is None:  # decided now that the device is known, and recorded with the run
     compile = config["compile"] = rt.device_type == "cuda"
+if init_from == "resume":  # the run in out_dir: as in nanoGPT, the model's shape (and tokenizer) come from it
+    run_path, run_ckpt = common.load_run_checkpoint(out_dir)
+    shape = {k: run_ckpt["model_args"].get(k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
+    common.keep_checkpoint_settings(config, dict(shape, tokenizer=run_ckpt["tokenizer"]), run_path)
+    tokenizer, block_size = config["tokenizer"], config["block_size"]  # the data depend on these two
 tok = Tokenizer(tokenizer)
 
 # the demonstrations, as token ids: the embedded task's imperfect ones, or a dataset's
@@ -115,9 +120,11 @@ if init_from.startswith("gpt2"):
     except (ImportError, OSError) as e:
         raise UserError(f"could not load GPT-2 weights '{init_from}' (pip install transformers; needs the hub or its "
                         f"cache): {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}") from None
-elif init_from in ("scratch", "resume"):
+elif init_from == "scratch":
     model = GPT(GPTConfig(block_size=block_size, vocab_size=tok.n_vocab, n_layer=n_layer, n_head=n_head,
                           n_embd=n_embd, dropout=dropout, bias=bias)).to(rt.device)
+elif init_from == "resume":
+    model = common.model_from_checkpoint(run_ckpt, run_path, dropout=dropout).to(rt.device)
 else:
     raise UserError(f"unknown init_from '{init_from}': expected 'scratch', 'resume' or a GPT-2 name ('gpt2', ...)")
 if rt.master:
@@ -128,12 +135,10 @@ scaler = common.grad_scaler(rt)
 order = BatchOrder(len(train_data), seed)
 start_iter, nonfinite_skipped = 0, 0
 if init_from == "resume":  # continue the run in out_dir exactly where its last checkpoint left it
-    path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = common.load_checkpoint(path, tokenizer, missing_hint=common.NOTHING_TO_RESUME)
-    start_iter = common.resume_state(ckpt, model, optimizer, order, scaler, path, rt)
-    nonfinite_skipped = ckpt.get("nonfinite_skipped", 0)
+    start_iter = common.resume_state(run_ckpt, model, optimizer, order, scaler, run_path, rt)
+    nonfinite_skipped = run_ckpt.get("nonfinite_skipped", 0)
     if rt.master:
-        print(f"resuming {path} from iter {start_iter}")
+        print(f"resuming {run_path} from iter {start_iter}")
 
 
 def make_batch(indices, data=train_data):

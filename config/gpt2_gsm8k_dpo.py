@@ -1,8 +1,8 @@
 # DPO on GSM8K from the GPT-2 SFT checkpoint: pairs are built on the fly as on the embedded task (chosen = the
 # reference solution, rejected = the SFT model's own wrong answer, greedy or sampled). One GPU, internet:
 #   python sft.py config/gpt2_gsm8k_sft.py && python dpo.py config/gpt2_gsm8k_dpo.py
-# Estimated (not measured here): pair sampling (2,000 prompts x 3 generations of <= 256 tokens, no KV cache)
-# takes longer than the 200 DPO steps, tens of minutes on one GPU in all.
+# Not measured here (no GPU): besides the 200 DPO steps, pair sampling generates up to 3 completions of
+# <= 256 tokens for each of 2,000 prompts (with model.generate's KV cache: one token per row per forward).
 out_dir = "out/gpt2_gsm8k_dpo"
 sft_ckpt = "out/gpt2_gsm8k_sft/ckpt.pt"
 dataset = "openai/gsm8k:main"

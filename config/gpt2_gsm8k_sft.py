@@ -1,8 +1,8 @@
 # GPT-2 (124M) SFT on GSM8K, then DPO on its own wrong answers (gpt2_gsm8k_dpo.py). One GPU, internet:
 #   python sft.py config/gpt2_gsm8k_sft.py
 # 7,473 worked solutions, 3 epochs at 32 rows/step ~ 700 steps. Estimated (not measured here: our machines
-# have no GPU) from the FLOP count: a few minutes of training on one A100/H100; the held-out task_accuracy
-# evaluation generates up to 256 tokens for n_eval test problems without a KV cache and dominates the time.
+# have no GPU) from the FLOP count: a few minutes of training on one A100/H100, plus the held-out task_accuracy
+# evaluation, which generates up to 256 tokens (KV cache) for each of n_eval test problems.
 # GPT-2 small scores only a few percent on GSM8K: the point is the pipeline, not the score.
 out_dir = "out/gpt2_gsm8k_sft"
 init_from = "gpt2"

@@ -37,9 +37,9 @@ SCRIPT_CASES = [
     ("truncated_sft_ckpt", "dpo.py", ["--sft_ckpt={d}/half.pt"], "could not be read"),
     ("sft_ckpt_of_other_shape", "dpo.py", ["--sft_ckpt={d}/wrong_shape.pt"], "has shape (258, 64)"),
     ("resume_other_tokenizer", "sft.py", SFT_TINY + ["--init_from=resume", "--out_dir={d}/run", "--tokenizer=gpt2"],
-     "tokenizer 'byte', this run uses 'gpt2'"),
+     "has tokenizer='byte', but this run sets tokenizer='gpt2'"),
     ("resume_other_architecture", "sft.py", SFT_TINY[:2] + SFT_TINY[3:] + ["--n_embd=64", "--init_from=resume",
-                                                                          "--out_dir={d}/run"], "has shape"),
+                                                                          "--out_dir={d}/run"], "but this run sets n_embd=64"),
     ("dpo_resume_of_sft_run", "dpo.py", ["--init_from=resume", "--out_dir={d}/run"], "not written by dpo.py"),
     # data files: the loader's own error and progress output must not reach the user beside the one line
     ("dataset_not_utf8", "sft.py", ["--dataset={d}/not_utf8.jsonl", "--eval_split="],

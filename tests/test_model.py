@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from data import collate_pairs
 from losses import sequence_logprobs
-from model import GPT, GPTConfig, logprobs_from_logits
+from model import GPT, GPTConfig, KVCache, logprobs_from_logits
 
 V = 258
 
@@ -163,6 +163,47 @@ def test_top_k_samples_only_the_k_most_likely(tiny_model):
     g = torch.Generator().manual_seed(0)
     firsts = {model.generate(p, 1, 300, 257, temperature=5.0, top_k=3, generator=g)[0][0] for _ in range(60)}
     assert firsts <= allowed and len(firsts) > 1
+
+
+def test_kv_cache_step_equals_the_full_forward(tiny_model):
+    """Logits of tokens fed one at a time through a KVCache (after a prefill of 5) equal the same positions of
+    one plain forward over the whole sequence, in float64 so only the arithmetic order differs."""
+    model = sharpen(tiny_model).double()
+    seq = torch.tensor([[5, 17, 99, 3, 42, 250, 7, 7, 120, 64], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
+    full, _ = model(seq)  # (2, 10, V)
+    cache = KVCache(model.config.n_layer, max_len=10)
+    steps = [model(seq[:, :5], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(5, 10)]
+    assert cache.filled == 10
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-10)
+
+
+def test_generation_with_and_without_the_cache_agrees(tiny_model):
+    """Left padding, rows stopping at EOS at different steps, greedy and seeded sampling: the cached path and
+    the re-run-everything path give the same tokens."""
+    model = sharpen(tiny_model)
+    eos = next(o[2] for o in (model.generate([p], 8, 300, 257)[0] for p in PROMPTS) if o[2] not in o[:2])
+    for kw in ({}, {"temperature": 1.0}, {"temperature": 0.7, "top_k": 5}):
+        outs = [model.generate(PROMPTS, 8, eos, 257, generator=torch.Generator().manual_seed(4), use_cache=c,
+                               **kw) for c in (True, False)]
+        assert outs[0] == outs[1], kw
+        if not kw:  # greedy: one row stops at EOS, others run on, so padding joins mid-generation
+            assert min(map(len, outs[0])) < 8 == max(map(len, outs[0]))
+
+
+def test_generation_past_block_size_slides_a_window(tiny_model):
+    """prompt + new tokens > block_size (32): the cache serves the first steps, then each step sees the last 32
+    tokens at positions 0..31, like nanoGPT's generate, written out here with plain forwards."""
+    model = sharpen(tiny_model)
+    prompt = [(7 * i) % 250 for i in range(30)]
+    seq = list(prompt)
+    for _ in range(6):
+        seq.append(int(model(torch.tensor([seq[-32:]]))[0][0, -1].argmax()))
+    for use_cache in (True, False):
+        assert model.generate([prompt], 6, eos_id=300, pad_id=257, use_cache=use_cache) == [seq[30:]]
+    # a batch with one prompt longer than block_size: that prompt is cut to its last 32 tokens
+    batched = model.generate([prompt + [5, 6, 7], prompt[:5]], 4, eos_id=300, pad_id=257)
+    assert batched == [model.generate([(prompt + [5, 6, 7])[-32:]], 4, 300, 257, use_cache=False)[0],
+                       model.generate([prompt[:5]], 4, 300, 257)[0]]
 
 
 def test_empty_prompt_is_an_error(tiny_model):

@@ -92,7 +92,9 @@ def sft_full(tmp_path_factory, script_env):
 def test_sft_resume_is_exact(sft_full, tmp_path, script_env):
     resumed = tmp_path / "resumed"
     prepare_resume(sft_full, resumed, 3)
-    out = run_script("sft.py", SFT_ARGS + [f"--out_dir={resumed}", "--init_from=resume"], tmp_path, script_env)
+    # without the model's shape on the command line: as in nanoGPT, it comes from the checkpoint
+    args = [a for a in SFT_ARGS if not a.startswith(("--n_layer", "--n_head", "--n_embd"))]
+    out = run_script("sft.py", args + [f"--out_dir={resumed}", "--init_from=resume"], tmp_path, script_env)
     assert "from iter 3" in out
     assert_same_metrics(sft_full, resumed)
     assert_same_final_state(sft_full, resumed)
@@ -111,6 +113,31 @@ def test_dpo_resume_is_exact(sft_full, tmp_path, script_env):
     assert_same_final_state(full, resumed)
     # and the resumed run's checkpoints name it too, so it can be resumed once more
     assert common.load_checkpoint(os.path.join(resumed, "ckpt.pt"))["config"]["sft_ckpt"] == sft_ckpt
+
+
+def test_dpo_from_scratch_resume_is_exact(tmp_path, script_env):
+    """One-stage ORPO from random weights (no SFT checkpoint, no reference): resumed with neither the model's
+    shape nor the task's size on the command line, they come from the run's own checkpoint."""
+    args = ["--loss_type=orpo", "--n_pairs=64", "--batch_size=8", "--max_iters=6", "--eval_interval=3",
+            "--log_interval=1", "--checkpoint_interval=2", "--keep_last=10", "--device=cpu", "--learning_rate=1e-3",
+            "--min_lr=1e-3"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    run_script("dpo.py", args + ["--init_from=scratch", "--n_layer=1", "--n_head=2", "--n_embd=32", "--n_eval=50",
+                                 f"--out_dir={full}"], tmp_path, script_env)
+    prepare_resume(full, resumed, 2)
+    again = tmp_path / "again"
+    shutil.copytree(resumed, again)
+    out = run_script("dpo.py", args + ["--init_from=resume", f"--out_dir={resumed}"], tmp_path, script_env)
+    assert "from iter 2" in out
+    assert_same_metrics(full, resumed)
+    assert_same_final_state(full, resumed)
+    assert common.load_checkpoint(os.path.join(resumed, "ckpt.pt"))["config"]["sft_ckpt"] == ""
+    # a loss that needs a reference model cannot continue it: one line, no traceback
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "dpo.py"), *args, "--loss_type=dpo",
+                           "--init_from=resume", f"--out_dir={again}"], cwd=tmp_path, env=script_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "has no reference model for 'dpo'" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_sft_ddp_resume(tmp_path, script_env):
