@@ -485,8 +485,11 @@ def evaluate_loss(model, compute_loss, make_batch, data, batch_size, rt):
     was_training = raw.training
     raw.eval()
     totals, names = None, None
-    for start in range(0, len(data), batch_size):
-        indices = list(range(start, min(start + batch_size, len(data))))
+    starts = list(range(0, len(data), batch_size))
+    if len(starts) > 1 and len(data) - starts[-1] == 1:
+        starts.pop()  # no batch of one row: it joins the one before (KTO's KL estimate needs two rows)
+    for start, end in zip(starts, starts[1:] + [len(data)]):
+        indices = list(range(start, end))
         with rt.autocast():
             loss, metrics = compute_loss(make_batch(indices, data))
         values = torch.stack([loss.float()] + [v.float() for v in metrics.values()]) * len(indices)

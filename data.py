@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+from decimal import Decimal, InvalidOperation
 
 import tiktoken
 import torch
@@ -473,15 +474,19 @@ def render_chat(messages, add_generation_prompt=True):
     return "".join(parts)
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")  # 1,234 / -3 / 2.50; a sentence's final '.' is left out
+# 1,234 / -3 / 2.50 / .5; a sentence's final '.' is left out, and a '-' only signs a number that follows no
+# word or digit ('3-4' ends in 4, not -4)
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 
 
 def _clean_number(s):
-    """'1,234' -> '1234', '18.00' -> '18': one spelling per value, so answers compare as strings."""
-    s = s.replace(",", "")
-    if "." in s and set(s.split(".")[1]) <= {"0"}:
-        s = s.split(".")[0]
-    return s
+    """'1,234' -> '1234', '18.00' -> '18', '2.50' -> '2.5', '007' -> '7', '-0' -> '0': one spelling per value,
+    so answers compare as strings."""
+    try:
+        value = Decimal(s.replace(",", ""))
+    except InvalidOperation:
+        return s
+    return "0" if value == 0 else format(value.normalize(), "f")
 
 
 def gsm8k_answer(text):
@@ -644,19 +649,19 @@ DATASET_FORMATS = {
 
 
 def detect_format(column_names, first_row=None):
-    """The format a dataset's columns announce. Standard and conversational TRL pairs have the same columns;
-    `first_row` (when given) tells them apart by whether its prompt is a list of messages."""
+    """The format a dataset's columns announce. Pairs come in layouts with the same columns, so `first_row` (when
+    given) decides by its types: chosen a string -> trl (hh without a prompt column); chosen a list of messages
+    -> trl_conversational when the prompt is one too, else ultrafeedback (whole conversations in chosen)."""
     cols = set(column_names)
     if {"prompt", "completion", "label"} <= cols:
         return "kto"
     if {"chosen", "rejected"} <= cols:
-        if "score_chosen" in cols or (first_row is not None and "prompt" not in cols
-                                      and isinstance(first_row.get("chosen"), list)):
-            return "ultrafeedback"  # whole conversations in chosen/rejected
-        if "prompt" not in cols:
-            return "hh"
-        conversational = first_row is not None and isinstance(first_row.get("prompt"), list)
-        return "trl_conversational" if conversational else "trl"
+        conversational_prompt = first_row is not None and isinstance(first_row.get("prompt"), list)
+        if conversational_prompt or (first_row is not None and isinstance(first_row.get("chosen"), list)):
+            return "trl_conversational" if conversational_prompt else "ultrafeedback"
+        if first_row is None and "score_chosen" in cols:
+            return "ultrafeedback"
+        return "trl" if "prompt" in cols else "hh"
     if {"prompt", "completion"} <= cols:
         return "prompt_completion"
     if "messages" in cols:
@@ -757,6 +762,8 @@ def load_rows(path_or_name, split="train", kind="pairs", dataset_format=None, sk
             rows.append(r)
         elif kind == "sft":
             rows.append({"prompt": r["prompt"], "response": r["chosen"]})
+        elif r["chosen"] == r["rejected"]:  # as pairs these are skipped: not one answer good and the same bad
+            skipped.add("chosen == rejected")
         else:  # pairs as unpaired kto rows
             rows.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
             rows.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})

@@ -104,11 +104,17 @@ if reference_free and loss_type not in ("dpo", "ipo", "hinge"):
     raise UserError(f"reference_free applies to dpo, ipo and hinge, not '{loss_type}'")
 if precompute_ref and loss_type == "kto":
     raise UserError("precompute_ref is not available for kto: its KL term pairs completions across each batch")
-if loss_type == "kto" and batch_size < 2:
-    raise UserError("kto needs batch_size >= 2: its KL estimate pairs each prompt with another row's completion")
+if rpo_alpha > 0 and loss_type not in ("dpo", "ipo", "hinge", "simpo"):
+    raise UserError(f"rpo_alpha adds an NLL term to dpo, ipo, hinge or simpo, not to '{loss_type}'"
+                    + (" (orpo has one already)" if loss_type == "orpo" else ""))
+if label_smoothing > 0 and loss_type != "dpo":
+    raise UserError(f"label_smoothing (conservative DPO) applies to dpo only, not to '{loss_type}'")
 
 t_start = time.time()
 rt = common.setup_runtime(device, dtype, seed, fsdp)
+if loss_type == "kto" and common.micro_batches(batch_size, gradient_accumulation_steps, rt.world_size)[1] < 2:
+    raise UserError(f"kto needs micro-batches of >= 2 rows on each process (its KL estimate pairs each prompt with "
+                    f"another row's completion): batch_size={batch_size} gives 1")
 if compile is None:  # decided now that the device is known, and recorded with the run
     compile = config["compile"] = rt.device_type == "cuda"
 if attention not in ("auto", "flex", "sdpa"):
@@ -194,27 +200,36 @@ else:
     task = None  # no verifier: evaluation reports held-out preference metrics instead
     rows, eval_rows, report = load_splits(dataset, "kto" if loss_type == "kto" else "pairs", dataset_format,
                                           dataset_split, eval_dataset, eval_split, skip_bad_rows)
-if loss_type == "kto" and rows and "label" in rows[0]:
-    # unpaired rows, encoded per label so a skipped row cannot shift the labels of the others
-    good, skipped = encode_sft_rows([{"prompt": r["prompt"], "response": r["completion"]} for r in rows
-                                     if r["label"]], tok, block_size, source=dataset)
-    bad, skipped_bad = encode_sft_rows([{"prompt": r["prompt"], "response": r["completion"]} for r in rows
-                                        if not r["label"]], tok, block_size, source=dataset)
-    skipped.add_all(skipped_bad)
-    train_data = [(p, y, True) for p, y in good] + [(p, y, False) for p, y in bad]
-else:
-    # a dataset's token ids are cached on disk (data.cached_encode); on-policy pairs are new every run
-    train_data, skipped = cached_encode(encode_pair_rows, rows, tok, block_size, dataset or "embedded task pairs",
-                                        kind == "pairs")
-    if loss_type == "kto":  # pairs -> one desirable (chosen) and one undesirable (rejected) example each
-        train_data = [(p, c, True) for p, c, _ in train_data] + [(p, r, False) for p, _, r in train_data]
-eval_data = [] if loss_type == "kto" else cached_encode(encode_pair_rows, eval_rows[:n_eval], tok, block_size,
-                                                        eval_dataset or dataset, bool(eval_rows))[0]
+
+
+def encode(rows, source, cache):
+    """Rows -> token ids and a SkipCounter: (prompt, chosen, rejected) pairs, or for kto (prompt, completion,
+    desirable) examples: unpaired rows as labelled, each pair as a desirable chosen and an undesirable rejected.
+    A dataset's token ids are cached on disk (data.cached_encode); on-policy pairs are new every run."""
+    if loss_type == "kto" and rows and "label" in rows[0]:
+        # encoded per label, so a skipped row cannot shift the labels of the others
+        good, skipped = encode_sft_rows([{"prompt": r["prompt"], "response": r["completion"]} for r in rows
+                                         if r["label"]], tok, block_size, source=source)
+        bad, skipped_bad = encode_sft_rows([{"prompt": r["prompt"], "response": r["completion"]} for r in rows
+                                            if not r["label"]], tok, block_size, source=source)
+        skipped.add_all(skipped_bad)
+        return [(p, y, True) for p, y in good] + [(p, y, False) for p, y in bad], skipped
+    pairs, skipped = cached_encode(encode_pair_rows, rows, tok, block_size, source, cache)
+    if loss_type == "kto":
+        return [(p, c, True) for p, c, _ in pairs] + [(p, r, False) for p, _, r in pairs], skipped
+    return pairs, skipped
+
+
+train_data, skipped = encode(rows, dataset or "embedded task pairs", kind == "pairs")
+eval_data, eval_skipped = encode(eval_rows[:n_eval], eval_dataset or dataset, bool(eval_rows))
+if loss_type == "kto" and len(eval_data) == 1:
+    raise UserError("kto needs at least 2 held-out rows (its KL estimate pairs each row with another): got 1")
 if rt.master:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "pairs.jsonl"), "w") as f:  # to read what the model is taught
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    print(f"{report}; {len(train_data)} training rows, skipped: {skipped}")
+    print(f"{report}; {len(train_data)} training rows, skipped: {skipped}"
+          + (f"; {len(eval_data)} held-out rows, skipped: {eval_skipped}" if eval_rows else ""))
 if loss_type == "kto":
     n_good = sum(label for _, _, label in train_data)
     ratio = desirable_weight * n_good / max(undesirable_weight * (len(train_data) - n_good), 1e-9)
@@ -330,7 +345,9 @@ def kto_step(rows):
     """KTO on a micro-batch of unpaired rows; the KL reference point uses mismatched (prompt, completion) pairs."""
     seqs = [(p, y) for p, y, _ in rows]
     shifted = kto_mismatched_indices(len(rows))
-    kl_seqs = [(seqs[i][0], seqs[j][1]) for i, j in enumerate(shifted)]
+    # prompt i with completion j, cut to fit block_size as the matched rows were (a long prompt with another row's
+    # long completion would not fit; a prompt leaves room for at least one completion token)
+    kl_seqs = [(seqs[i][0], seqs[j][1][:block_size + 1 - len(seqs[i][0])]) for i, j in enumerate(shifted)]
     desirable = torch.tensor([label for _, _, label in rows], device=rt.device)
     policy_logps = sequence_logps(train_model, seqs)
     with torch.no_grad():

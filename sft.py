@@ -45,7 +45,7 @@ dataset = ""              # '' = the embedded addition task; else a hub name (e.
 dataset_format = ""       # '' = detect from the columns; or prompt_completion, messages, gsm8k, trl, hh, ...
 dataset_split = "train"
 eval_dataset = ""         # held-out rows from a file of their own (a local file has one split)...
-eval_split = "test"       # ...else from this split of `dataset` ('' = none)
+eval_split = ""           # ...else from this split of `dataset` ('test' for GSM8K and HH); '' = none
 skip_bad_rows = False     # count and skip malformed rows instead of stopping at the first
 tokenizer = "byte"        # 'byte' (offline, 258 tokens) or 'gpt2' (tiktoken r50k_base)
 n_digits = 2              # a+b with n-digit a and b
@@ -107,10 +107,12 @@ else:
               f"answer), {len(task.eval_prompts)} held-out problems")
 # a dataset's token ids are cached on disk (data.cached_encode): a second run does not tokenise again
 train_data, skipped = cached_encode(encode_sft_rows, rows, tok, block_size, dataset or "embedded task", bool(dataset))
-eval_data, _ = cached_encode(encode_sft_rows, eval_rows[:n_eval], tok, block_size, eval_dataset or dataset,
-                             bool(dataset))
+eval_data, eval_skipped = cached_encode(encode_sft_rows, eval_rows[:n_eval], tok, block_size,
+                                        eval_dataset or dataset, bool(dataset))
 if rt.master and skipped.total():
     print(f"skipped {skipped.total()} training rows: {skipped}")
+if rt.master and eval_skipped.total():
+    print(f"skipped {eval_skipped.total()} held-out rows: {eval_skipped}")
 
 if init_from.startswith("gpt2"):
     if tokenizer != "gpt2":

@@ -108,6 +108,18 @@ def test_kto_on_unpaired_rows(files, sft_ckpt, repo_root, tmp_path):
     assert sorted(label for _, _, label in g["train_data"]) == [False] * len(QA) + [True] * len(QA)
 
 
+def test_kto_mismatched_pairs_fit_block_size_and_held_out_rows_give_eval_loss(sft_ckpt, repo_root, tmp_path):
+    """KTO's KL term pairs prompt i with completion i+1: a 60-token prompt beside a 121-token completion (181 >
+    block_size 128) must be cut to fit as the matched rows were. Held-out KTO rows give eval_loss."""
+    rows = [{"prompt": "Q" * 60, "completion": " yes", "label": True},
+            {"prompt": "Q?", "completion": " " + "a" * 120, "label": False}] * 2
+    path = write(tmp_path / "long.jsonl", rows)
+    run_script(repo_root, "dpo.py", TINY + ["--loss_type=kto", f"--dataset={path}", f"--eval_dataset={path}",
+                                            f"--sft_ckpt={sft_ckpt}", f"--out_dir={tmp_path / 'out'}"])
+    check_run(tmp_path / "out", "eval_loss")
+    assert records(tmp_path / "out")[0]["eval_loss"] == pytest.approx(0.5, abs=1e-6)  # policy = reference
+
+
 def test_dpo_on_gsm8k_builds_on_policy_pairs(files, repo_root, tmp_path):
     # an SFT model of the gsm8k format, then DPO whose pairs are its own wrong answers
     sft_dir = tmp_path / "sft"

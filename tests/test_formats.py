@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data import (SkipCounter, Tokenizer, UserError, collate, collate_pairs, detect_format, encode_pair_rows,
-                  encode_sft_rows, extract_final_number, gsm8k_answer, load_rows, render_chat)
+from data import (AnswerTask, SkipCounter, Tokenizer, UserError, collate, collate_pairs, detect_format,
+                  encode_pair_rows, encode_sft_rows, extract_final_number, gsm8k_answer, load_rows, render_chat)
 
 
 def _write(tmp_path, name, rows):
@@ -148,10 +148,13 @@ def test_kto_and_pairs_as_kto(tmp_path):
         ("<|system|>\nRude.\n" + U + "Hi\n" + A, "Go away.", False)]
     # a pairs file asked for as kto: each pair gives a desirable and an undesirable row
     pairs = _write(tmp_path, "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
+                                             {"prompt": "x", "chosen": "same", "rejected": "same"},
                                              {"prompt": "d", "chosen": "e", "rejected": "f"}])
-    rows, _ = load_rows(pairs, kind="kto")
+    rows, skipped = load_rows(pairs, kind="kto")
     assert rows == [{"prompt": "a", "completion": "b", "label": True}, {"prompt": "a", "completion": "c", "label": False},
                     {"prompt": "d", "completion": "e", "label": True}, {"prompt": "d", "completion": "f", "label": False}]
+    # a pair with the same answer twice would teach one text as both good and bad: skipped and counted
+    assert skipped.reasons == {"chosen == rejected": 1}
 
 
 def test_prompt_completion_standard_and_conversational(tmp_path, byte_tok):
@@ -324,6 +327,12 @@ def test_detect_format():
     assert detect_format(["prompt", "completion"]) == "prompt_completion"
     assert detect_format(["messages"]) == "messages"
     assert detect_format(["question", "answer"]) == "gsm8k"
+    # the first row's types decide between layouts with the same columns
+    strings = {"prompt": "q", "chosen": "a", "rejected": "b", "score_chosen": 9.0, "score_rejected": 1.0}
+    assert detect_format(list(strings), strings) == "trl"
+    conversations = {"prompt": "q", "chosen": [_msg("user", "q"), _msg("assistant", "a")],
+                     "rejected": [_msg("user", "q"), _msg("assistant", "b")]}
+    assert detect_format(list(conversations), conversations) == "ultrafeedback"
     with pytest.raises(UserError, match=r"\['input', 'text'\]"):
         detect_format(["text", "input"])
 
@@ -332,8 +341,14 @@ def test_gsm8k_answer_and_final_number():
     assert [gsm8k_answer(a) for _, a, _ in GSM8K] == ["72", "2000", "-5", "3", "16"]
     assert gsm8k_answer("the answer is 4") is None
     assert extract_final_number("So she sold 72 clips.") == "72"
-    assert extract_final_number("It costs $1,250.50 in total") == "1250.50"
+    assert extract_final_number("It costs $1,250.50 in total") == "1250.5"
     assert extract_final_number("18.00") == "18"
+    # one spelling per value, and a hyphen between numbers is not a minus sign
+    assert [extract_final_number(f"#### {a}") for a in ("2.50", "007", "-0", "-3.10", ".5")] == \
+        ["2.5", "7", "0", "-3.1", "0.5"]
+    assert extract_final_number("pages 3-4") == "4" and extract_final_number("x = -4") == "-4"
+    task = AnswerTask([], [{"prompt": "q", "response": "so\n#### 2.5"}])
+    assert task.is_correct("q", "#### 2.50") and not task.is_correct("q", "The answer is .25")
     assert extract_final_number("3 + 4 = 7\n#### 7\nextra 9") == "7"  # the '####' answer wins over later numbers
     assert extract_final_number("I get 12 ####") == "12"  # an empty '####' falls back to the last number
     assert extract_final_number("no idea") is None
