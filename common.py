@@ -9,6 +9,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -143,6 +145,8 @@ def setup_runtime(device="auto", dtype="auto", seed=1, fsdp=False):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device '{device}' asked for, but this machine has no CUDA GPU (torch sees none): "
                         "use --device=cpu or --device=auto")
+    if device.startswith("mps") and not torch.backends.mps.is_available():
+        raise UserError(f"device '{device}' asked for, but torch sees no Apple GPU (MPS) here: use --device=cpu")
     if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
         raise UserError(f"device '{device}' does not exist: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     rank, local_rank, world_size = 0, 0, 1
@@ -152,6 +156,9 @@ def setup_runtime(device="auto", dtype="auto", seed=1, fsdp=False):
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
         if device.startswith("cuda"):
+            if local_rank >= torch.cuda.device_count():
+                raise UserError(f"torchrun started a process for GPU {local_rank} of this node, but torch sees "
+                                f"{torch.cuda.device_count()}: --nproc_per_node at most the number of GPUs")
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
@@ -477,9 +484,10 @@ def evaluate_task(model, task, tok, rt, batch_size=500):
 
 
 @torch.no_grad()
-def evaluate_loss(model, compute_loss, make_batch, data, batch_size, rt):
-    """Held-out loss and metrics: the script's own compute_loss over every row of `data` (dropout off), means
-    weighted by rows, named eval_<name> (TRL's eval_loss, eval_rewards/accuracies, ...). Every rank computes the
+def evaluate_loss(model, compute_loss, make_batch, data, batch_size, rt, loss_weight=None):
+    """Held-out loss and metrics: the script's own compute_loss over every row of `data` (dropout off), named
+    eval_<name> (TRL's eval_loss, eval_rewards/accuracies, ...): batch means weighted by rows, or by
+    loss_weight(indices, data) (see train_loop), so they do not depend on batch_size. Every rank computes the
     whole (small) held-out set, so there is no collective that a rank could miss."""
     raw = unwrap(model)
     was_training = raw.training
@@ -488,14 +496,16 @@ def evaluate_loss(model, compute_loss, make_batch, data, batch_size, rt):
     starts = list(range(0, len(data), batch_size))
     if len(starts) > 1 and len(data) - starts[-1] == 1:
         starts.pop()  # no batch of one row: it joins the one before (KTO's KL estimate needs two rows)
+    weight = loss_weight or (lambda indices, data: len(indices))
     for start, end in zip(starts, starts[1:] + [len(data)]):
         indices = list(range(start, end))
         with rt.autocast():
             loss, metrics = compute_loss(make_batch(indices, data))
-        values = torch.stack([loss.float()] + [v.float() for v in metrics.values()]) * len(indices)
+        values = torch.stack([loss.float()] + [v.float() for v in metrics.values()]) * weight(indices, data)
         totals, names = (values if totals is None else totals + values), ["loss", *metrics]
     raw.train(was_training)
-    return {f"eval_{k}": v / len(data) for k, v in zip(names, totals.tolist())}
+    total_weight = weight(list(range(len(data))), data)
+    return {f"eval_{k}": v / total_weight for k, v in zip(names, totals.tolist())}
 
 
 def peak_rss_mb():
@@ -562,7 +572,9 @@ def resume_state(ckpt, model, optimizer, order, scaler=None, path="checkpoint", 
     order.load_state_dict(ckpt["data_order"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
+    per_rank = ckpt.get("rng_per_rank")  # DDP: each rank continues its own stream (same world size only)
+    own = rt is not None and rt.ddp and per_rank is not None and len(per_rank) == rt.world_size
+    set_rng_state(per_rank[rt.rank] if own else ckpt["rng"])
     return ckpt["iter_num"]
 
 
@@ -572,6 +584,10 @@ def save_training_checkpoint(cfg, iter_num, model, optimizer, order, scaler, tok
     FSDP2 the full weights and optimizer state are gathered from all of them."""
     rt = rt or Runtime("cpu", "cpu", "float32", False, 0, 0, 1)  # a single process
     model_state, optim_state = full_state_dict(model, rt), optimizer.state_dict()
+    rng_per_rank = None
+    if rt.ddp:  # the ranks' RNG streams differ (dropout draws as many numbers as a rank's batch has elements)
+        rng_per_rank = [None] * rt.world_size
+        dist.all_gather_object(rng_per_rank, rng_state())
     if rt.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         optim_state = get_optimizer_state_dict(unwrap(model), optimizer,
@@ -581,24 +597,35 @@ def save_training_checkpoint(cfg, iter_num, model, optimizer, order, scaler, tok
     out_dir = cfg["out_dir"]
     path = os.path.join(out_dir, "ckpt.pt")
     state = dict(iter_num=iter_num, optimizer=optim_state, data_order=order.state_dict(),
-                 rng=rng_state(), scaler=scaler.state_dict() if scaler.is_enabled() else None, **results, **extra)
+                 rng=rng_state(), rng_per_rank=rng_per_rank,
+                 scaler=scaler.state_dict() if scaler.is_enabled() else None, **results, **extra)
     save_checkpoint(path, model, cfg, tokenizer, model_state=model_state, **state)
     keep = cfg.get("keep_last", 1)
     if keep > 1:
         numbered = os.path.join(out_dir, f"ckpt_{iter_num:07d}.pt")
         if os.path.exists(numbered):
             os.remove(numbered)
-        os.link(path, numbered)
-        old = sorted(f for f in os.listdir(out_dir) if f.startswith("ckpt_") and f.endswith(".pt"))
-        for f in old[:-keep]:
-            os.remove(os.path.join(out_dir, f))
+        try:
+            os.link(path, numbered)
+        except OSError:  # a filesystem without hard links: a second copy
+            shutil.copyfile(path, numbered)
+        # by iteration, as numbers; ones past this iteration are another timeline's (an earlier, longer run in
+        # this out_dir, or the future of a checkpoint resumed from), never this run's newest
+        found = {}
+        for f in os.listdir(out_dir):
+            m = re.fullmatch(r"ckpt_(\d+)\.pt", f)
+            if m:
+                found[int(m.group(1))] = f
+        stale = [i for i in found if i > iter_num] + sorted(i for i in found if i <= iter_num)[:-keep]
+        for i in stale:
+            os.remove(os.path.join(out_dir, found[i]))
 
 
 # -----------------------------------------------------------------------------------------------------------
 # The training loop
 
 def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evaluate, describe, tokenizer,
-               start_iter=0, scaler=None, ckpt_extra=None, nonfinite_skipped=0):
+               start_iter=0, scaler=None, ckpt_extra=None, nonfinite_skipped=0, loss_weight=None):
     """Run optimizer steps start_iter .. cfg['max_iters']-1, then write the final checkpoint.
     Each step takes batch_size * gradient_accumulation_steps row indices from `order` (a data.BatchOrder, the
     same on every rank); rank r runs its own contiguous share of them in equal micro-batches (micro_batches), so
@@ -607,19 +634,25 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
     the step's model FLOPs, for the MFU on stdout);
     compute_loss(batch) -> (loss, {metric name: scalar tensor}); evaluate() -> {name: float};
     describe(record) -> the script's part of the stdout line.
+    loss_weight(indices) -> how many units compute_loss's loss is a mean over for those rows (SFT: target
+    tokens), when that varies from row to row: each micro-batch then counts by its share of the step's units, so
+    the step's loss is the mean over all of them however the step is split. None: rows (DPO's per-pair means).
     Evaluates at iter 0, every eval_interval and after the last step; checkpoints every checkpoint_interval
     iters (and at every eval with always_save_checkpoint) and at the end. Logged metrics are means over every
     micro-batch of the step on every rank, so they do not depend on how the step is split. A step whose loss
     or gradient norm is not finite is skipped on every rank (the decision is taken on all-reduced values),
     counted, and max_nonfinite of them in a row stop the run. Returns the last evaluation's results."""
     gas, B, max_iters = cfg["gradient_accumulation_steps"], cfg["batch_size"], cfg["max_iters"]
+    if start_iter > max_iters:  # would overwrite the newer checkpoint with one labelled max_iters
+        raise UserError(f"the checkpoint is at iter {start_iter}, past max_iters={max_iters}: pass "
+                        f"--max_iters={start_iter} or more to continue it")
     local_steps, micro = micro_batches(B, gas, rt.world_size)
     lr_decay_iters = cfg.get("lr_decay_iters") or max_iters
     scaler = scaler or torch.amp.GradScaler(enabled=False)
     logger = MetricLogger(cfg["out_dir"], rt, start_iter)
+    peak = peak_flops(rt)[0] if rt.master else None  # for the MFU on stdout, as nanoGPT prints it
     results, t0, tokens, flops, iters_timed, nonfinite_run = {}, time.time(), 0, 0.0, 0, 0
     nonfinite_total = nonfinite_skipped  # carried over from the checkpoint a resumed run starts from
-    peak = peak_flops(rt)[0] if rt.master else None  # for the MFU on stdout, as nanoGPT prints it
 
     def checkpoint(iter_num):
         save_training_checkpoint(cfg, iter_num, model, optimizer, order, scaler, tokenizer, results,
@@ -646,17 +679,22 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
             group["lr"] = lr
         step_indices = order.take(B * gas)
         mine = step_indices[rt.rank * local_steps * micro:(rt.rank + 1) * local_steps * micro]  # this rank's slice
+        step_units = max(loss_weight(step_indices), 1e-9) if loss_weight else None  # every rank knows them all
         sums = None
         for micro_step in range(local_steps):
-            batch = make_batch(mine[micro_step * micro:(micro_step + 1) * micro])
+            indices = mine[micro_step * micro:(micro_step + 1) * micro]
+            batch = make_batch(indices)
+            # this micro-batch's share of the step's units, times the number of micro-batches on all ranks (the
+            # mean over micro-batches divides by it again): 1 when every micro-batch has as many units
+            scale = loss_weight(indices) / step_units * local_steps * rt.world_size if loss_weight else 1.0
             if rt.fsdp:  # reduce-scatter gradients only on the last micro-step
                 unwrap(model).set_requires_gradient_sync(micro_step == local_steps - 1)
             elif rt.ddp:  # all-reduce gradients only on the last micro-step
                 model.require_backward_grad_sync = micro_step == local_steps - 1
             with rt.autocast():
                 loss, metrics = compute_loss(batch)
-            scaler.scale(loss / local_steps).backward()
-            values = torch.stack([loss.detach().float()] + [v.float() for v in metrics.values()])
+            scaler.scale(loss * scale / local_steps).backward()
+            values = torch.stack([loss.detach().float()] + [v.float() for v in metrics.values()]) * scale
             sums = values if sums is None else sums + values
             tokens += batch["n_tokens"]
             flops += batch.get("flops", 0.0)

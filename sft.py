@@ -154,6 +154,13 @@ def make_batch(indices, data=train_data):
             "flops": idx.numel() * model.flops_per_token(idx.size(1))}  # every (padded) position is computed
 
 
+def target_tokens(indices, data=train_data):
+    """Response tokens + EOS of rows `indices`: what compute_loss's loss is a mean over. train_loop and
+    evaluate_loss weight each micro-batch by them, so a step's loss is the mean over all of its tokens whatever
+    the split over micro-batches and ranks (a mean of per-micro-batch means would not be)."""
+    return sum(len(data[i][1]) for i in indices)
+
+
 def compute_loss(batch):
     """Mean negative log-likelihood per response token (prompt and padding are masked out)."""
     logits, _ = train_model(batch["idx"])  # through the DDP / compile wrapper, so gradients sync
@@ -165,13 +172,14 @@ def evaluate():
     """Held-out task_accuracy (embedded task, GSM8K) and/or eval_loss (held-out rows of a dataset)."""
     results = {"task_accuracy": common.evaluate_task(model, task, tok, rt)} if task is not None else {}
     if eval_data:  # held-out NLL per response token
-        results.update(common.evaluate_loss(model, compute_loss, make_batch, eval_data, batch_size, rt))
+        results.update(common.evaluate_loss(model, compute_loss, make_batch, eval_data, batch_size, rt,
+                                            target_tokens))
     return results
 
 
 results = common.train_loop(rt, train_model, optimizer, config, order, make_batch, compute_loss, evaluate,
                             describe=lambda r: "", tokenizer=tokenizer, start_iter=start_iter, scaler=scaler,
-                            nonfinite_skipped=nonfinite_skipped)
+                            nonfinite_skipped=nonfinite_skipped, loss_weight=target_tokens)
 if rt.master:
     print(f"SFT done: held-out {common.summary(results)} in {time.time() - t_start:.0f} s, "
           f"peak RSS {common.peak_rss_mb():.0f} MB "

@@ -33,6 +33,7 @@ SCRIPT_CASES = [
     ("label_smoothing_with_ipo", "dpo.py", ["--loss_type=ipo", "--label_smoothing=0.1"], "applies to dpo only"),
     ("kto_micro_batch_of_one", "dpo.py", ["--loss_type=kto", "--batch_size=1"], "micro-batches of >= 2 rows"),
     ("no_cuda", "sft.py", ["--device=cuda"], "no CUDA GPU"),
+    ("no_mps", "sft.py", ["--device=mps"], "no Apple GPU (MPS)"),
     ("unknown_config_key", "sft.py", ["--batchsize=8"], "did you mean 'batch_size'"),
     ("config_file_raises", "sft.py", ["{d}/raises.py"], "ZeroDivisionError"),
     ("resume_without_checkpoint", "sft.py", SFT_TINY + ["--init_from=resume", "--out_dir={d}/empty"],

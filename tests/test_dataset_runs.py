@@ -91,6 +91,17 @@ def test_sft_on_each_format(fmt, files, repo_root, tmp_path):
         assert len(g["task"].eval_prompts) == 5
 
 
+def test_sft_eval_loss_is_per_token_whatever_the_batch_size(files, repo_root, tmp_path):
+    """eval_loss is the NLL per response token over all held-out rows: batches of 2 rows (whose token counts
+    differ) give what one batch of every row gives."""
+    losses = []
+    for bs in (2, 100):
+        run_script(repo_root, "sft.py", MODEL + ["--max_iters=0", f"--batch_size={bs}", f"--dataset={files['hh']}",
+                                                 f"--eval_dataset={files['hh']}", f"--out_dir={tmp_path / str(bs)}"])
+        losses.append(records(tmp_path / str(bs))[0]["eval_loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
 @pytest.mark.parametrize("fmt", ["trl", "trl_conversational", "hh", "ultrafeedback"])
 def test_dpo_on_each_pairs_format(fmt, files, sft_ckpt, repo_root, tmp_path):
     g = run_script(repo_root, "dpo.py", TINY + [f"--dataset={files[fmt]}", f"--eval_dataset={files[fmt]}",

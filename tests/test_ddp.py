@@ -54,6 +54,12 @@ def ddp_runs(tmp_path_factory, repo_root, script_env):
                                          f"--sft_ckpt={root / 'sft_one' / 'ckpt.pt'}", f"--out_dir={dpo_dir}"],
                                         repo_root, script_env, nproc)
         out[f"sft_{name}"], out[f"dpo_{name}"] = str(sft_dir), str(dpo_dir)
+    # one micro-batch of 16 rows in one process, and the same shared out over 2 processes: SFT's per-token mean
+    # must come out the same though the halves hold different numbers of response tokens
+    for name, nproc in (("sft_big", 1), ("sft_split", 2)):
+        out[name] = str(root / name)
+        run(["sft.py", *TINY_SFT, "--gradient_accumulation_steps=1", "--batch_size=16", f"--out_dir={out[name]}"],
+            repo_root, script_env, nproc)
     # the headline command's split: gradient_accumulation_steps=1 on 2 ranks, each rank half of every micro-batch
     out["dpo_split"] = str(root / "dpo_split")
     run(["dpo.py", *TINY_DPO, "--gradient_accumulation_steps=1", "--batch_size=16",
@@ -67,6 +73,12 @@ def ddp_runs(tmp_path_factory, repo_root, script_env):
 
 def test_sft_two_processes_equal_one_with_twice_the_accumulation(ddp_runs):
     assert_same_losses(ddp_runs["sft_one"], ddp_runs["sft_two"], ["loss", "grad_norm"])
+
+
+def test_sft_loss_is_the_mean_over_the_steps_tokens_however_split(ddp_runs):
+    # 16 rows as 1 micro-batch, as 2 of 8 in one process, and as 8 on each of 2 processes: one and the same step
+    assert_same_losses(ddp_runs["sft_big"], ddp_runs["sft_one"], ["loss", "grad_norm"])
+    assert_same_losses(ddp_runs["sft_big"], ddp_runs["sft_split"], ["loss", "grad_norm"])
 
 
 def test_dpo_two_processes_equal_one_with_twice_the_accumulation(ddp_runs):

@@ -100,6 +100,34 @@ def test_sft_resume_is_exact(sft_full, tmp_path, script_env):
     assert_same_final_state(sft_full, resumed)
 
 
+def test_resume_past_max_iters_is_an_error_that_keeps_the_checkpoint(sft_full, tmp_path, script_env):
+    """Resuming an 8-iteration run with --max_iters=4 (say, a forgotten override) must not overwrite its ckpt.pt
+    with one labelled iter 4."""
+    out = tmp_path / "run"
+    shutil.copytree(sft_full, out)
+    before = (out / "ckpt.pt").read_bytes()
+    args = [a for a in SFT_ARGS if not a.startswith("--max_iters")] + ["--max_iters=4"]
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "sft.py"), *args, f"--out_dir={out}",
+                           "--init_from=resume"], cwd=tmp_path, env=script_env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "at iter 8, past max_iters=4" in proc.stderr.strip().splitlines()[-1]
+    assert (out / "ckpt.pt").read_bytes() == before
+
+
+def test_keep_last_keeps_this_runs_newest(tmp_path, script_env):
+    """keep_last=2 with numbered checkpoints of an earlier, longer run in the same out_dir (iters 8 and 50, and
+    one past 7 digits): those are another timeline and go; this run's newest two (iters 4 and 6) stay."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("ckpt_0000008.pt", "ckpt_0000050.pt", "ckpt_12345678.pt"):
+        (out / name).write_bytes(b"stale")
+    args = SFT_TINY + ["--max_iters=6", "--eval_interval=100", "--checkpoint_interval=2", "--keep_last=2"]
+    run_script("sft.py", args + [f"--out_dir={out}"], tmp_path, script_env)
+    assert sorted(f.name for f in out.glob("ckpt_*.pt")) == ["ckpt_0000004.pt", "ckpt_0000006.pt"]
+    assert common.load_checkpoint(str(out / "ckpt_0000004.pt"))["iter_num"] == 4
+
+
 def test_dpo_resume_is_exact(sft_full, tmp_path, script_env):
     sft_ckpt = str(sft_full / "ckpt.pt")
     full, resumed = tmp_path / "full", tmp_path / "resumed"
@@ -141,9 +169,10 @@ def test_dpo_from_scratch_resume_is_exact(tmp_path, script_env):
 
 
 def test_sft_ddp_resume(tmp_path, script_env):
-    # 2 processes (gloo), 2 micro-batches per step: one each
+    """2 processes (gloo), 2 micro-batches per step: one each. One-digit sums ('3+4=7', '9+8=17') give the ranks
+    rows of different lengths, so their dropout draws, and RNG streams, differ: each must continue its own."""
     args = SFT_TINY + ["--max_iters=5", "--dropout=0.1", "--eval_interval=100", "--checkpoint_interval=2",
-                       "--keep_last=10", "--gradient_accumulation_steps=2"]
+                       "--keep_last=10", "--gradient_accumulation_steps=2", "--n_digits=1", "--seed=3"]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     run_script("sft.py", args + [f"--out_dir={full}"], tmp_path, script_env, torchrun=True)
     prepare_resume(full, resumed, 2)
