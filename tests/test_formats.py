@@ -4,6 +4,7 @@ encoders take; the rows then go through encode_* and collate, and decoding the b
 line naming file, row and key, or counted skips."""
 
 import json
+import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -352,3 +353,15 @@ def test_gsm8k_answer_and_final_number():
     assert extract_final_number("3 + 4 = 7\n#### 7\nextra 9") == "7"  # the '####' answer wins over later numbers
     assert extract_final_number("I get 12 ####") == "12"  # an empty '####' falls back to the last number
     assert extract_final_number("no idea") is None
+
+
+def test_common_prefix_len_equals_a_character_loop():
+    """HH's prompt is the transcripts' common start; the bisection that finds it against the obvious loop."""
+    from data import _common_prefix_len
+    rng = random.Random(0)
+    for _ in range(5000):
+        a, b = ("".join(rng.choice("ab\n") for _ in range(rng.randint(0, 12))) for _ in range(2))
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        assert _common_prefix_len(a, b) == n, (a, b)
