@@ -341,7 +341,7 @@ def reward_metrics(chosen_rewards, rejected_rewards):
             "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean()}
 
 
-def kto_step(rows):
+def kto_step(rows, policy_model, reference_model):
     """KTO on a micro-batch of unpaired rows; the KL reference point uses mismatched (prompt, completion) pairs."""
     seqs = [(p, y) for p, y, _ in rows]
     shifted = kto_mismatched_indices(len(rows))
@@ -349,10 +349,10 @@ def kto_step(rows):
     # long completion would not fit; a prompt leaves room for at least one completion token)
     kl_seqs = [(seqs[i][0], seqs[j][1][:block_size + 1 - len(seqs[i][0])]) for i, j in enumerate(shifted)]
     desirable = torch.tensor([label for _, _, label in rows], device=rt.device)
-    policy_logps = sequence_logps(train_model, seqs)
+    policy_logps = sequence_logps(policy_model, seqs)
     with torch.no_grad():
-        policy_kl_logps = sequence_logps(train_model, kl_seqs)
-        ref_all = sequence_logps(ref_model, seqs + kl_seqs)
+        policy_kl_logps = sequence_logps(policy_model, kl_seqs)
+        ref_all = sequence_logps(reference_model, seqs + kl_seqs)
     ref_logps_, ref_kl_logps = ref_all[:len(rows)], ref_all[len(rows):]
     kl_reduce = (lambda kl: common.all_reduce_sum(kl.clone(), rt) / rt.world_size) if rt.ddp else None
     loss, rewards, kl = kto_loss(policy_logps, ref_logps_, desirable, policy_kl_logps, ref_kl_logps, beta,
@@ -365,19 +365,21 @@ def kto_step(rows):
                   "logps/rejected": (policy_logps.detach() * ~desirable).sum() / n_bad, "kl": kl}
 
 
-def compute_loss(batch):
+def compute_loss(batch, models=None):
     """The micro-batch's loss for --loss_type and its metrics (TRL's names): policy forward with gradients,
-    reference forward under no_grad (or its precomputed log-probs, or none)."""
+    reference forward under no_grad (or its precomputed log-probs, or none). models: (policy, reference) to run
+    instead of the training wrappers (evaluation runs the plain modules: no compiled graphs for its shapes)."""
     rows = batch["rows"]
+    policy_model, reference_model = models or (train_model, ref_model)
     if loss_type == "kto":
-        return kto_step(rows)
-    pc, pr, nc, nr = concatenated_logps(train_model, rows)  # summed log-probs of chosen / rejected, (B,)
+        return kto_step(rows, policy_model, reference_model)
+    pc, pr, nc, nr = concatenated_logps(policy_model, rows)  # summed log-probs of chosen / rejected, (B,)
     metrics = {"logps/chosen": pc.detach().mean(), "logps/rejected": pr.detach().mean()}
     if "ref_logps" in batch:
         rc, rr = batch["ref_logps"][:, 0], batch["ref_logps"][:, 1]
     elif reference is not None:
         with torch.no_grad():
-            rc, rr, _, _ = concatenated_logps(ref_model, rows)
+            rc, rr, _, _ = concatenated_logps(reference_model, rows)
     else:  # reference-free: a uniform reference, log-probs 0
         rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)
     nll = sft_loss(pc, nc)
@@ -416,7 +418,8 @@ def evaluate():
     """Held-out task_accuracy (embedded task, GSM8K) and/or eval_loss, eval_rewards/... (held-out pairs)."""
     results = {"task_accuracy": common.evaluate_task(policy, task, tok, rt)} if task is not None else {}
     if eval_data:  # held-out preference metrics: eval_loss, eval_rewards/accuracies, ...
-        results.update(common.evaluate_loss(policy, compute_loss, make_batch, eval_data, batch_size, rt))
+        results.update(common.evaluate_loss(policy, lambda batch: compute_loss(batch, (policy, reference)),
+                                            make_batch, eval_data, batch_size, rt))
     return results
 
 

@@ -161,9 +161,10 @@ def target_tokens(indices, data=train_data):
     return sum(len(data[i][1]) for i in indices)
 
 
-def compute_loss(batch):
-    """Mean negative log-likelihood per response token (prompt and padding are masked out)."""
-    logits, _ = train_model(batch["idx"])  # through the DDP / compile wrapper, so gradients sync
+def compute_loss(batch, run_model=None):
+    """Mean negative log-likelihood per response token (prompt and padding are masked out). run_model: what to
+    run instead of train_model (evaluation runs the plain module: no compiled graphs for its shapes)."""
+    logits, _ = (run_model or train_model)(batch["idx"])  # training: the DDP / compile wrapper, so gradients sync
     logps, n_tokens = sequence_logprobs(logprobs_from_logits(logits, batch["targets"]), batch["mask"])
     return sft_loss(logps, n_tokens), {}  # a fully masked batch gives 0, not 0/0
 
@@ -172,8 +173,8 @@ def evaluate():
     """Held-out task_accuracy (embedded task, GSM8K) and/or eval_loss (held-out rows of a dataset)."""
     results = {"task_accuracy": common.evaluate_task(model, task, tok, rt)} if task is not None else {}
     if eval_data:  # held-out NLL per response token
-        results.update(common.evaluate_loss(model, compute_loss, make_batch, eval_data, batch_size, rt,
-                                            target_tokens))
+        results.update(common.evaluate_loss(model, lambda batch: compute_loss(batch, model), make_batch, eval_data,
+                                            batch_size, rt, target_tokens))
     return results
 
 
