@@ -517,7 +517,10 @@ def peak_rss_mb():
 
 def summary(results):
     """One readable fragment of evaluation results for a script's last line."""
-    return ", ".join(f"{k} {v:.1%}" if k == "task_accuracy" else f"{k} {v:.4f}" for k, v in results.items())
+    if not results:
+        return "no held-out evaluation (no checkable task; held-out rows come from --eval_dataset or --eval_split)"
+    return "held-out " + ", ".join(f"{k} {v:.1%}" if k == "task_accuracy" else f"{k} {v:.4f}"
+                                   for k, v in results.items())
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -662,9 +665,10 @@ def train_loop(rt, model, optimizer, cfg, order, make_batch, compute_loss, evalu
         is_eval = iter_num % cfg["eval_interval"] == 0 or iter_num == max_iters
         if is_eval:
             results = evaluate()
-            logger.log({"iter": iter_num, **results})
-            if rt.master:
-                print(f"eval iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+            if results:  # (nothing to evaluate without a task or held-out rows)
+                logger.log({"iter": iter_num, **results})
+                if rt.master:
+                    print(f"eval iter {iter_num}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         if iter_num == max_iters:
             break
         interval = cfg.get("checkpoint_interval", 0)

@@ -429,8 +429,8 @@ results = common.train_loop(rt, train_model, optimizer, config, order, make_batc
 if rt.master:
     summary = common.summary(results)
     if start_accuracy is not None and "task_accuracy" in results:  # "task_accuracy 45.3% (SFT) -> 79.3%, ..."
-        summary = f"task_accuracy {start_accuracy:.1%} (SFT) -> " + summary[len("task_accuracy "):]
-    print(f"{loss_type.upper()} done: held-out {summary} in {time.time() - t_start:.0f} s, "
+        summary = f"held-out task_accuracy {start_accuracy:.1%} (SFT) -> " + summary[len("held-out task_accuracy "):]
+    print(f"{loss_type.upper()} done: {summary} in {time.time() - t_start:.0f} s, "
           f"peak RSS {common.peak_rss_mb():.0f} MB "
           f"-> {os.path.join(out_dir, 'ckpt.pt')}")
 common.cleanup(rt)

@@ -182,7 +182,7 @@ results = common.train_loop(rt, train_model, optimizer, config, order, make_batc
                             describe=lambda r: "", tokenizer=tokenizer, start_iter=start_iter, scaler=scaler,
                             nonfinite_skipped=nonfinite_skipped, loss_weight=target_tokens)
 if rt.master:
-    print(f"SFT done: held-out {common.summary(results)} in {time.time() - t_start:.0f} s, "
+    print(f"SFT done: {common.summary(results)} in {time.time() - t_start:.0f} s, "
           f"peak RSS {common.peak_rss_mb():.0f} MB "
           f"-> {os.path.join(out_dir, 'ckpt.pt')}")
 common.cleanup(rt)

@@ -91,6 +91,14 @@ def test_sft_on_each_format(fmt, files, repo_root, tmp_path):
         assert len(g["task"].eval_prompts) == 5
 
 
+def test_sft_without_held_out_rows_says_so(files, repo_root, tmp_path, capsys):
+    """A local file has one split: with no --eval_dataset there is nothing held out. The run trains, logs no
+    empty evaluation lines and its last line says there was no held-out evaluation."""
+    run_script(repo_root, "sft.py", TINY + MODEL + [f"--dataset={files['messages']}", f"--out_dir={tmp_path}"])
+    assert all("loss" in r for r in records(tmp_path)) and len(records(tmp_path)) == 2
+    assert "SFT done: no held-out evaluation" in capsys.readouterr().out
+
+
 def test_sft_eval_loss_is_per_token_whatever_the_batch_size(files, repo_root, tmp_path):
     """eval_loss is the NLL per response token over all held-out rows: batches of 2 rows (whose token counts
     differ) give what one batch of every row gives."""
