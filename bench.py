@@ -14,7 +14,7 @@ and then generation (what building on-policy pairs and task evaluation run): the
 by response_len - 1 tokens with model.generate, with its KV cache and without (every step re-running the
 sequence), the outputs checked equal.
 
-Every step is what dpo.py / sft.py run: model.GPT, common.configure_optimizer (AdamW), losses.dpo_loss /
+Every step is what dpo.py / sft.py run: model.GPT, optim.configure_optimizer (AdamW), losses.dpo_loss /
 losses.sft_loss, data.collate_pairs / data.collate_prefix_shared, gradient clipping at 1.0. Batches are collated
 and moved to the device before timing (collation is timed on its own and reported as collate_ms). The kinds
 take turns step by step; ms/step is the median over the timed steps.
@@ -56,11 +56,14 @@ import time
 
 import torch
 
-import common
+import runtime
 from configurator import apply_overrides
-from data import collate, collate_pairs, collate_prefix_shared, prefix_shared_logps
-from losses import dpo_loss, sequence_logprobs, sft_loss
-from model import GPT, GPTConfig, logprobs_from_logits
+from data import collate, collate_pairs, collate_prefix_shared
+from logger import measure_matmul_flops, peak_flops
+from logprobs import packed_row_logps, summed_logps, token_logps
+from losses import dpo_loss, sft_loss
+from model import GPT, GPTConfig
+from optim import configure_optimizer
 
 # -----------------------------------------------------------------------------------------------------------
 size = "small"            # 'tiny', 'small' or 'gpt2' (see SIZES)
@@ -95,7 +98,7 @@ n_layer, n_head, n_embd, vocab_size, block_size, B0, P0, R0 = SIZES[size]
 B, P, R = batch_size or B0, prompt_len or P0, response_len or R0
 if B < 1 or P < 1 or R < 1:
     sys.exit("error: batch_size, prompt_len and response_len must be positive")
-rt = common.setup_runtime(device, dtype, seed=1)
+rt = runtime.setup(device, dtype, seed=1)
 
 
 def sync():
@@ -103,9 +106,9 @@ def sync():
         torch.cuda.synchronize()
 
 
-def peak_flops():
+def device_peak_flops():
     """(peak FLOP/s, peak FLOP/s by CPU time or None, where they come from) for this run's device."""
-    return common.peak_flops(rt, sizes=(1024, 1536, 2048), repeats=8)
+    return peak_flops(rt, sizes=(1024, 1536, 2048), repeats=8)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -176,13 +179,13 @@ ref_model = torch.compile(reference, dynamic=False) if compile else reference
 def plain_logps(model, batch):
     """The concatenated forward, as dpo.py runs it -> (chosen_logps, rejected_logps), each (B,)."""
     logits, _ = model(batch["idx"])
-    logps, _ = sequence_logprobs(logprobs_from_logits(logits, batch["targets"]), batch["mask"])
+    logps, _ = summed_logps(token_logps(logits, batch["targets"]), batch["mask"])
     return logps[:B], logps[B:]
 
 
 def packed_logps(model, batch):
     logits, _ = model(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"])
-    return prefix_shared_logps(logits, batch)[:2]
+    return packed_row_logps(logits, batch)[:2]
 
 
 # the reference log-probs for the precomputed kinds: one pass over the data before training, as a dataset
@@ -195,7 +198,7 @@ packed_batch.update(ref_chosen=ref_chosen, ref_rejected=ref_rejected)
 
 def sft_step_loss(batch):
     logits, _ = train_model(batch["idx"])
-    logps, n_tokens = sequence_logprobs(logprobs_from_logits(logits, batch["targets"]), batch["mask"])
+    logps, n_tokens = summed_logps(token_logps(logits, batch["targets"]), batch["mask"])
     return sft_loss(logps, n_tokens)
 
 
@@ -245,7 +248,7 @@ print(f"loss agreement: DPO losses at the initial weights {', '.join(f'{k} {v:.7
 # -----------------------------------------------------------------------------------------------------------
 # Timing
 
-peak, peak_cpu, peak_note = peak_flops()
+peak, peak_cpu, peak_note = device_peak_flops()
 print(f"peak: {peak / 1e9:,.1f} GFLOP/s ({peak_note})" if peak else f"peak: unknown ({peak_note})")
 if peak_cpu:
     print(f"      {peak_cpu / 1e9:,.1f} GFLOP/s by CPU time (all threads busy; the peak for mfu_cpu_time)")
@@ -266,7 +269,7 @@ def time_kinds():
     the run slows every kind alike instead of the one running then. All steps train the same policy; each kind
     has its own AdamW state."""
     policy.load_state_dict(initial_state)
-    optimizers = {k: common.configure_optimizer(policy, 0.1, 1e-5, (0.9, 0.99), rt.device_type) for k in KINDS}
+    optimizers = {k: configure_optimizer(policy, 0.1, 1e-5, (0.9, 0.99), rt.device_type) for k in KINDS}
     times, cpu_times, faults = {k: [] for k in KINDS}, {k: [] for k in KINDS}, {k: [] for k in KINDS}
     for i in range(warmup + steps):
         for j in range(len(KINDS)):
@@ -290,7 +293,7 @@ def time_kinds():
 
 all_times, all_cpu_times, all_faults = time_kinds()
 if rt.device_type == "cpu":  # measured again after the steps, keeping the best: a busy moment lowers one reading
-    peak, peak_cpu = (max(x, y) for x, y in zip((peak, peak_cpu), common.measure_matmul_flops()))
+    peak, peak_cpu = (max(x, y) for x, y in zip((peak, peak_cpu), measure_matmul_flops()))
     print(f"peak after the steps: {peak / 1e9:,.1f} GFLOP/s (best of both), {peak_cpu / 1e9:,.1f} by CPU time")
 results = {}
 for kind in KINDS:

@@ -14,8 +14,11 @@ import ast
 import difflib
 import sys
 
+from errors import UserError
+
 SIMPLE_TYPES = (int, float, bool, str, type(None))
 overridden = {}  # what the last apply_overrides set from the command line or a config file: {key: value}
+defaults = {}    # the script's own values of every setting, before apply_overrides changed any
 
 
 class ConfigError(ValueError):
@@ -88,9 +91,9 @@ def apply_overrides(g, argv=None):
     """Override the script's globals `g` in place from sys.argv (or argv); exit with one line on a mistake.
     Returns the final config as a dict (what checkpoints and logs record)."""
     keys = config_keys(g)
-    defaults = {k: g[k] for k in keys}
+    script_defaults = {k: g[k] for k in keys}
     try:
-        updates = parse_overrides(defaults, sys.argv[1:] if argv is None else argv)
+        updates = parse_overrides(script_defaults, sys.argv[1:] if argv is None else argv)
     except ConfigError as e:
         sys.exit(f"error: {e}")
     for k, v in updates.items():
@@ -98,4 +101,58 @@ def apply_overrides(g, argv=None):
         g[k] = v
     overridden.clear()
     overridden.update(updates)
+    defaults.clear()
+    defaults.update(script_defaults)
     return {k: g[k] for k in keys}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Values that make no sense stop the run before any work, in one line naming the setting
+
+RULES = {  # key: (holds for a sensible value, what the line says is expected)
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+    "max_iters": (lambda v: v >= 0, ">= 0"),
+    "learning_rate": (lambda v: v > 0, "> 0"),
+    "min_lr": (lambda v: v >= 0, ">= 0"),
+    "warmup_iters": (lambda v: v >= 0, ">= 0"),
+    "lr_decay_iters": (lambda v: v >= 0, ">= 0 (0 = max_iters)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "grad_clip": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+    "eval_interval": (lambda v: v >= 1, ">= 1"),
+    "log_interval": (lambda v: v >= 1, ">= 1"),
+    "checkpoint_interval": (lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    "keep_last": (lambda v: v >= 1, ">= 1"),
+    "max_nonfinite": (lambda v: v >= 1, ">= 1"),
+    "block_size": (lambda v: v >= 2, ">= 2"),
+    "n_layer": (lambda v: v >= 1, ">= 1"),
+    "n_head": (lambda v: v >= 1, ">= 1"),
+    "n_embd": (lambda v: v >= 1, ">= 1"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "n_digits": (lambda v: v >= 1, ">= 1"),
+    "n_eval": (lambda v: v >= 1, ">= 1"),
+    "slip_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "beta": (lambda v: v > 0, "> 0"),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "desirable_weight": (lambda v: v > 0, "> 0"),
+    "undesirable_weight": (lambda v: v > 0, "> 0"),
+    "rpo_alpha": (lambda v: v >= 0, ">= 0"),
+    "n_pairs": (lambda v: v >= 1, ">= 1"),
+    "n_samples": (lambda v: v >= 0, ">= 0"),
+    "sample_temperature": (lambda v: v >= 0, ">= 0"),
+    "threads": (lambda v: v >= 0, ">= 0 (0 = the default)"),
+    "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "'auto', 'float32', 'bfloat16' or 'float16'"),
+    "compile": (lambda v: v in (True, False), "True, False or None (on with CUDA)"),
+}
+
+
+def check_config(cfg):
+    """Check the settings a script has (rules only for keys present) right after apply_overrides; a NaN fails
+    every rule, since every comparison with it is False."""
+    for key, (ok, expected) in RULES.items():
+        if key in cfg and cfg[key] is not None and not ok(cfg[key]):
+            raise UserError(f"{key}={cfg[key]!r} makes no sense: expected {expected}")
+    if cfg.get("n_head", 0) >= 1 and cfg.get("n_embd", 0) % cfg.get("n_head", 1) != 0:
+        raise UserError(f"n_embd={cfg['n_embd']} is not divisible by n_head={cfg['n_head']}")

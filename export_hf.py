@@ -24,8 +24,9 @@ import sys
 
 import torch
 
-from common import load_checkpoint, model_from_checkpoint
-from data import Tokenizer, UserError
+from checkpoint import load_checkpoint, model_from_checkpoint
+from data import Tokenizer
+from errors import UserError, install_error_handler
 
 # projections GPT-2 keeps as Conv1D (weight transposed relative to nn.Linear)
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -75,6 +76,7 @@ def export(ckpt_path, out_dir):
 
 
 if __name__ == "__main__":
+    install_error_handler()
     if len(sys.argv) != 3:
         raise UserError("usage: python export_hf.py CHECKPOINT OUT_DIR  (e.g. out/dpo/ckpt.pt out/dpo/hf)")
     try:

@@ -1,20 +1,21 @@
 """
-Preference-optimisation losses, each a short pure function of per-sequence log-probabilities.
+Preference-optimisation losses, each a short pure function of per-sequence log-probabilities, and
+preference_loss(), the one place where --loss_type picks one of them.
 
 Conventions (one name for one thing, everywhere in this repo):
   policy_* / ref_*          the model being trained / the frozen reference (the SFT checkpoint)
   chosen / rejected         the preferred / dispreferred response of a pair
   *_logps                   summed log-prob of a response (its tokens + EOS), shape (B,)
   *_avg_logps               the same divided by the number of response tokens, shape (B,)
-                            (average_logprobs below; an empty response gives 0, never 0/0)
+                            (logprobs.average_logps; an empty response gives 0, never 0/0)
 Every loss returns the batch mean; rewards are returned detached, per example, for logging.
 Pairwise losses return (loss, chosen_rewards, rejected_rewards); orpo_loss and kto_loss return more, see them.
 
-Which log-probs each loss wants (the caller must honour this):
+Which log-probs each loss wants (preference_loss honours this):
   dpo_loss, hinge_loss       summed log-probs
   ipo_loss                   per-token AVERAGE log-probs (see its docstring)
   simpo_loss, orpo_loss      per-token average log-probs, policy only (no reference model)
-  kto_loss                   summed log-probs, unpaired examples + mismatched pairs for the KL estimate
+  kto_loss                   summed log-probs, unpaired examples + mismatched pairs for the KL estimate (kto.py)
 
 RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv:2404.19733) is not a separate
 function: it adds alpha * (per-token NLL of the chosen responses) to any pairwise loss, i.e.
@@ -30,15 +31,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-def sequence_logprobs(token_logps, mask):
-    """Sum per-token log-probs over the response (mask = 1 on response tokens and EOS, 0 on prompt and padding).
-    token_logps, mask: (B, T). Returns (logps, n_tokens), both (B,): logps is the summed log-prob,
-    n_tokens how many tokens it sums (float). Divide them for the per-token average; an empty mask gives
-    logps 0 and n_tokens 0, so callers clamp n_tokens before dividing."""
-    keep = mask.bool()
-    # where, not multiply: a -inf log-prob at a masked (padding) position must not turn the sum into NaN
-    return torch.where(keep, token_logps, torch.zeros_like(token_logps)).sum(-1), keep.to(token_logps.dtype).sum(-1)
+import configurator
+from errors import UserError
+from logprobs import average_logps
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
@@ -71,11 +66,6 @@ def sft_loss(policy_chosen_logps, policy_chosen_n_tokens):
     return -policy_chosen_logps.sum() / policy_chosen_n_tokens.sum().clamp(min=1)
 
 
-def average_logprobs(logps, n_tokens):
-    """Per-token average log-prob of each response, (B,): logps / n_tokens, with 0 tokens giving 0 (not NaN)."""
-    return logps / n_tokens.clamp(min=1)
-
-
 def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1):
     """Identity Preference Optimisation ("A General Theoretical Paradigm to Understand Learning from Human
     Preferences", Azar et al. 2023, arXiv:2310.12036, eq. 17; beta is the paper's tau).
@@ -84,7 +74,7 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         loss   = mean over the batch of (h - 1 / (2 beta))**2
         reward = beta * (policy - ref), per response
 
-    Feed it per-token AVERAGE log-probs (average_logprobs), not sums. IPO regresses h onto a fixed target
+    Feed it per-token AVERAGE log-probs (logprobs.average_logps), not sums. IPO regresses h onto a fixed target
     1/(2 beta) instead of pushing it to infinity as DPO's logistic loss does. The paper writes it with whole-
     sequence log-likelihoods, but the target is a fixed number: with summed log-probs a 3-token and a
     30-token answer would have to reach the same total margin, so the strength of the regularisation would
@@ -204,3 +194,79 @@ def kto_loss(policy_logps, ref_logps, desirable, policy_kl_logps, ref_kl_logps, 
                          desirable_weight * torch.sigmoid(-beta * (r - kl)),
                          undesirable_weight * torch.sigmoid(-beta * (kl - r)))
     return losses.sum() / max(losses.numel(), 1), beta * r.detach(), kl
+
+
+# -----------------------------------------------------------------------------------------------------------
+# --loss_type: which loss, which options, which log-probs
+
+LOSS_TYPES = ("dpo", "ipo", "hinge", "simpo", "orpo", "kto", "sft")
+
+IN_USE = "set"  # an option counts as in use when the command line or a config file changed its default
+# option: (the losses it applies to, when it counts as in use, why not elsewhere). An option in use with any
+# other loss is an error naming it, never a silent no-op.
+LOSS_OPTIONS = {
+    "label_smoothing": (("dpo",), lambda v: v > 0, "it is conservative DPO's label-flip rate"),
+    "rpo_alpha": (("dpo", "ipo", "hinge", "simpo"), lambda v: v > 0,
+                  "it adds an NLL term; orpo and sft have one already, kto has no chosen answers"),
+    "reference_free": (("dpo", "ipo", "hinge"), bool, "simpo, orpo and sft never have a reference, kto needs one"),
+    "precompute_ref": (("dpo", "ipo", "hinge"), bool,
+                       "kto's KL term pairs completions across each batch; simpo, orpo and sft have no reference"),
+    "simpo_gamma": (("simpo",), IN_USE, "it is SimPO's target margin"),
+    "desirable_weight": (("kto",), IN_USE, "it weights KTO's desirable examples"),
+    "undesirable_weight": (("kto",), IN_USE, "it weights KTO's undesirable examples"),
+}
+
+
+def check_loss_options(cfg):
+    """One line for an unknown --loss_type, or for an option set with a loss it does nothing for."""
+    loss_type = cfg["loss_type"]
+    if loss_type not in LOSS_TYPES:
+        raise UserError(f"unknown loss_type '{loss_type}': expected one of {', '.join(LOSS_TYPES)}")
+    for option, (applies_to, in_use, why) in LOSS_OPTIONS.items():
+        value = cfg[option]
+        used = value != configurator.defaults.get(option, value) if in_use == IN_USE else in_use(value)
+        if used and loss_type not in applies_to:
+            names = applies_to[0] + " only" if len(applies_to) == 1 else (
+                ", ".join(applies_to[:-1]) + " and " + applies_to[-1])
+            raise UserError(f"{option} applies to {names}, not '{loss_type}' ({why})")
+    if cfg["precompute_ref"] and cfg["reference_free"]:
+        raise UserError("precompute_ref with reference_free: there is no reference to precompute")
+
+
+def needs_reference(loss_type, reference_free=False):
+    """Whether the loss compares the policy with a reference model (simpo, orpo and sft never do)."""
+    return loss_type in ("dpo", "ipo", "hinge", "kto") and not reference_free
+
+
+def preference_loss(loss_type, pc, pr, rc, rr, nc, nr, beta, label_smoothing=0.0, simpo_gamma=0.5, rpo_alpha=0.0):
+    """The loss --loss_type names, on a batch of pairs, and its metrics (TRL's names).
+    pc, pr: the policy's summed log-probs of chosen / rejected; rc, rr: the reference's (0 for a uniform
+    reference); nc, nr: their token counts; all (B,). Averages per token are taken here for the losses that
+    want them. Returns (loss: scalar, {metric name: scalar tensor})."""
+    nll = sft_loss(pc, nc)  # the chosen answers' per-token NLL: sft's loss, ORPO's first term, RPO's addition
+    metrics = {"logps/chosen": pc.detach().mean(), "logps/rejected": pr.detach().mean()}
+    if loss_type == "sft":
+        return nll, {**metrics, "nll_loss": nll.detach()}
+    if loss_type == "dpo":
+        loss, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta, label_smoothing)
+    elif loss_type == "hinge":
+        loss, chosen_rewards, rejected_rewards = hinge_loss(pc, pr, rc, rr, beta)
+    elif loss_type == "ipo":  # IPO's target margin is per token: it takes average log-probs (see ipo_loss)
+        loss, chosen_rewards, rejected_rewards = ipo_loss(average_logps(pc, nc), average_logps(pr, nr),
+                                                          average_logps(rc, nc), average_logps(rr, nr), beta)
+    elif loss_type == "simpo":
+        loss, chosen_rewards, rejected_rewards = simpo_loss(average_logps(pc, nc), average_logps(pr, nr), beta,
+                                                            simpo_gamma)
+    elif loss_type == "orpo":
+        loss, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = orpo_loss(
+            average_logps(pc, nc), average_logps(pr, nr), nll, beta)
+        metrics.update({"nll_loss": nll.detach(), "log_odds_ratio": log_odds_ratio,
+                        "log_odds_chosen": log_odds_chosen})
+    else:
+        raise ValueError(f"preference_loss: no pairwise loss '{loss_type}' (kto's is in kto.py)")
+    if rpo_alpha > 0:
+        loss = loss + rpo_alpha * nll
+        metrics["nll_loss"] = nll.detach()
+    return loss, {**metrics, "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                  "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+                  "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean()}

@@ -4,9 +4,8 @@ A self-contained GPT, readable top to bottom, in the spirit of nanoGPT's model.p
 It keeps GPT-2's parameter layout (transformer.wte / wpe / h.N.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,
 mlp.c_proj} / ln_f, and an lm_head tied to wte), so GPT-2 weights can be mapped in one-to-one.
 
-Beyond nanoGPT it offers what preference optimisation needs:
-  - token_logprobs(idx, targets): per-token log p(target | prefix), always float32 (the DPO loss takes
-    differences of sums of these; bf16 rounding would swamp a small margin);
+Beyond nanoGPT it offers what preference optimisation needs (the log-probs of responses are computed from its
+logits in logprobs.py):
   - optional position ids and attention masks, so left-padded batches and prefix-shared sequences work;
   - batched generation from prompts of different lengths (greedy, or temperature / top-k sampling) that stops
     each row at EOS, with a KV cache so each new token runs through the model once.
@@ -145,13 +144,6 @@ class Block(nn.Module):
         return x
 
 
-def logprobs_from_logits(logits, targets):
-    """logits (B, T, V) in any dtype, targets (B, T) -> log p(targets) (B, T) in float32. The training scripts
-    call this on the output of a (possibly DDP-wrapped or compiled) model's forward."""
-    logps = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    return torch.gather(logps, 2, targets.unsqueeze(-1)).squeeze(-1)
-
-
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -222,13 +214,6 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
-
-    def token_logprobs(self, idx, targets, pos=None, attn_mask=None):
-        """log p(targets[b, t] | idx[b, :t+1]) for every position: (B, T) float32.
-        The logits are upcast before the log-softmax, so under bf16/fp16 autocast the normaliser and the
-        log-probs are still float32."""
-        logits, _ = self(idx, pos=pos, attn_mask=attn_mask)
-        return logprobs_from_logits(logits, targets)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eos_id, pad_id, temperature=0.0, top_k=None, generator=None,

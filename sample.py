@@ -8,9 +8,14 @@ $ python sample.py --prompt_file=prompts.txt         # one prompt per line (use 
 Without prompts it takes the first n_prompts held-out problems of the embedded task and marks each answer.
 """
 
-import common
+import runtime
+from checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import apply_overrides
-from data import AdditionTask, Tokenizer, UserError
+from data import Tokenizer
+from errors import UserError, install_error_handler
+from tasks import AdditionTask
+
+install_error_handler()  # bad input ends the run with one line, not a traceback
 
 ckpt = "out/dpo/ckpt.pt"  # the policy
 ref_ckpt = ""             # '' = the SFT checkpoint named in ckpt's config
@@ -25,14 +30,15 @@ seed = 1
 device = "auto"
 config = apply_overrides(globals())
 
-rt = common.setup_runtime(device, "auto", seed)
-policy_ckpt = common.load_checkpoint(ckpt)
+rt = runtime.setup(device, "auto", seed)
+REF_HINT = "pass the SFT checkpoint as --ref_ckpt=..."
+policy_ckpt = load_checkpoint(ckpt, missing_hint="train one with dpo.py, or pass --ckpt=...")
 tok = Tokenizer(policy_ckpt["tokenizer"])
 ref_path = ref_ckpt or policy_ckpt["config"].get("sft_ckpt")
 if not ref_path:
     raise UserError(f"{ckpt} names no SFT checkpoint: pass --ref_ckpt=...")
-models = {"policy": common.model_from_checkpoint(policy_ckpt, ckpt, dropout=0.0),
-          "reference": common.model_from_checkpoint(common.load_checkpoint(ref_path, tok.name), ref_path,
+models = {"policy": model_from_checkpoint(policy_ckpt, ckpt, dropout=0.0),
+          "reference": model_from_checkpoint(load_checkpoint(ref_path, tok.name, missing_hint=REF_HINT), ref_path,
                                                     dropout=0.0)}
 task = None
 if prompt_file:
@@ -44,7 +50,7 @@ if prompt_file:
 elif prompts:
     prompt_list = prompts.split("|")
 else:  # held-out problems of the embedded task, settings from the SFT run that made the reference
-    sft_config = common.load_checkpoint(ref_path)["config"]
+    sft_config = load_checkpoint(ref_path, missing_hint=REF_HINT)["config"]
     task = AdditionTask(sft_config.get("n_digits", 2), sft_config.get("n_eval", 1000), sft_config.get("task_seed", 1234))
     prompt_list = task.eval_prompts[:n_prompts]
 

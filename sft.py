@@ -6,7 +6,7 @@ On the embedded task (default), from scratch, on a CPU:
 $ python sft.py
 Smaller or different runs override any setting below:
 $ python sft.py --max_iters=200 --out_dir=out/sft_short
-$ python sft.py config/tiny.py
+$ python sft.py config/tiny_sft.py
 With DDP on 2 processes (gloo on CPU, nccl on GPUs); the global batch stays the same:
 $ torchrun --standalone --nproc_per_node=2 sft.py
 """
@@ -14,15 +14,20 @@ $ torchrun --standalone --nproc_per_node=2 sft.py
 import os
 import time
 
-import torch
+import checkpoint
+import runtime
+from configurator import apply_overrides, check_config
+from data import BatchOrder, Tokenizer, collate, encode_sft_rows, padded_length
+from errors import install_error_handler
+from evaluation import evaluate_loss, evaluate_task
+from formats import cached_encode, load_splits
+from logger import Logger, peak_rss_mb, summary
+from logprobs import summed_logps, token_logps
+from losses import sft_loss
+from optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
+from tasks import AdditionTask, AnswerTask, gsm8k_answer
 
-import common
-from configurator import apply_overrides
-from data import (AdditionTask, AnswerTask, BatchOrder, Tokenizer, UserError, cached_encode, collate, encode_sft_rows,
-                  gsm8k_answer, load_splits)
-from losses import sequence_logprobs, sft_loss
-from model import GPT, GPTConfig, logprobs_from_logits
-
+install_error_handler()  # bad input ends the run with one line, not a traceback
 # -----------------------------------------------------------------------------------------------------------
 # default config: the embedded task's recipe, about 1.5 minutes on a 2-core CPU
 out_dir = "out/sft"
@@ -32,6 +37,7 @@ dtype = "auto"            # 'auto' = bfloat16 on CUDA when supported, else float
 compile = None            # torch.compile: None = on with CUDA, off on a CPU (where it costs ~30 s up front
                           # for a small speed-up); True / False to choose
 fsdp = False              # torchrun only: shard parameters, gradients and optimizer state with FSDP2
+threads = 0               # CPU threads (torch.set_num_threads); 0 = torch's default, one per core
 eval_interval = 200
 log_interval = 50
 init_from = "scratch"     # 'scratch', 'resume' (continue from out_dir/ckpt.pt exactly), or GPT-2 weights:
@@ -75,19 +81,16 @@ grad_clip = 1.0
 max_nonfinite = 5         # stop after this many non-finite steps in a row
 # -----------------------------------------------------------------------------------------------------------
 config = apply_overrides(globals())
-common.check_config(config)  # nonsense values (batch_size=0, ...) stop here, in one line
+check_config(config)  # nonsense values (batch_size=0, ...) stop here, in one line
 # -----------------------------------------------------------------------------------------------------------
 
 t_start = time.time()
-rt = common.setup_runtime(device, dtype, seed, fsdp)
-if compile is None:  # decided now that the device is known, and recorded with the run
-    compile = config["compile"] = rt.device_type == "cuda"
-if init_from == "resume":  # the run in out_dir: as in nanoGPT, the model's shape (and tokenizer) come from it
-    run_path, run_ckpt = common.load_run_checkpoint(out_dir)
-    shape = {k: run_ckpt["model_args"].get(k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
-    common.keep_checkpoint_settings(config, dict(shape, tokenizer=run_ckpt["tokenizer"]), run_path)
-    tokenizer, block_size = config["tokenizer"], config["block_size"]  # the data depend on these two
-tok = Tokenizer(tokenizer)
+rt = runtime.setup(device, dtype, seed, fsdp, threads)
+runtime.micro_batches(batch_size, gradient_accumulation_steps, rt.world_size)  # an uneven split stops here
+compile = config["compile"] = rt.device_type == "cuda" if compile is None else compile  # recorded with the run
+start = checkpoint.sft_start(config)  # fresh weights, GPT-2's, or the run in out_dir (resume)
+tokenizer, block_size = config["tokenizer"], config["block_size"]  # a resumed run keeps its checkpoint's
+tok, model = Tokenizer(tokenizer), start.policy.to(rt.device)
 
 # the demonstrations, as token ids: the embedded task's imperfect ones, or a dataset's
 eval_rows = []
@@ -105,7 +108,7 @@ else:
     if rt.master:
         print(f"SFT data: {len(rows)} demonstrations ({n_wrong} = {n_wrong / len(rows):.1%} with a wrong "
               f"answer), {len(task.eval_prompts)} held-out problems")
-# a dataset's token ids are cached on disk (data.cached_encode): a second run does not tokenise again
+# a dataset's token ids are cached on disk (formats.cached_encode): a second run does not tokenise again
 train_data, skipped = cached_encode(encode_sft_rows, rows, tok, block_size, dataset or "embedded task", bool(dataset))
 eval_data, eval_skipped = cached_encode(encode_sft_rows, eval_rows[:n_eval], tok, block_size,
                                         eval_dataset or dataset, bool(dataset))
@@ -114,75 +117,90 @@ if rt.master and skipped.total():
 if rt.master and eval_skipped.total():
     print(f"skipped {eval_skipped.total()} held-out rows: {eval_skipped}")
 
-if init_from.startswith("gpt2"):
-    if tokenizer != "gpt2":
-        raise UserError(f"init_from='{init_from}' needs tokenizer='gpt2', not '{tokenizer}'")
-    try:  # transformers is optional, and the weights come from the hub (or its local cache)
-        model = GPT.from_hf_gpt2(init_from, block_size=block_size, dropout=dropout).to(rt.device)
-    except (ImportError, OSError) as e:
-        raise UserError(f"could not load GPT-2 weights '{init_from}' (pip install transformers; needs the hub or its "
-                        f"cache): {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}") from None
-elif init_from == "scratch":
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=tok.n_vocab, n_layer=n_layer, n_head=n_head,
-                          n_embd=n_embd, dropout=dropout, bias=bias)).to(rt.device)
-elif init_from == "resume":
-    model = common.model_from_checkpoint(run_ckpt, run_path, dropout=dropout).to(rt.device)
-else:
-    raise UserError(f"unknown init_from '{init_from}': expected 'scratch', 'resume' or a GPT-2 name ('gpt2', ...)")
 if rt.master:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters")
-train_model = common.prepare_for_training(model, rt, compile)
-optimizer = common.configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
-scaler = common.grad_scaler(rt)
-order = BatchOrder(len(train_data), seed)
-start_iter, nonfinite_skipped = 0, 0
-if init_from == "resume":  # continue the run in out_dir exactly where its last checkpoint left it
-    start_iter = common.resume_state(run_ckpt, model, optimizer, order, scaler, run_path, rt)
-    nonfinite_skipped = run_ckpt.get("nonfinite_skipped", 0)
-    if rt.master:
-        print(f"resuming {run_path} from iter {start_iter}")
 
 
 def make_batch(indices, data=train_data):
-    """Rows `indices` of `data` -> a right-padded batch on the device: idx, targets, mask (B, T), and the
-    token and FLOP counts for the stdout line."""
+    """Rows `indices` of `data` -> a right-padded batch on the device: idx, targets, mask (B, T); n_targets, the
+    response tokens + EOS the loss averages over; n_tokens, the tokens the model reads (for tok/s)."""
     rows = [data[i] for i in indices]
     T = max(len(p) + len(r) for p, r in rows) - 1
-    idx, targets, mask = collate(rows, tok.pad_id, common.padded_length(T, block_size, compile))
+    idx, targets, mask = collate(rows, tok.pad_id, padded_length(T, block_size, 16 if compile else 1))
     return {"idx": idx.to(rt.device), "targets": targets.to(rt.device), "mask": mask.to(rt.device),
-            "n_tokens": sum(len(p) + len(r) - 1 for p, r in rows),
-            "flops": idx.numel() * model.flops_per_token(idx.size(1))}  # every (padded) position is computed
+            "n_targets": sum(len(r) for _, r in rows), "n_tokens": sum(len(p) + len(r) - 1 for p, r in rows)}
 
 
-def target_tokens(indices, data=train_data):
-    """Response tokens + EOS of rows `indices`: what compute_loss's loss is a mean over. train_loop and
-    evaluate_loss weight each micro-batch by them, so a step's loss is the mean over all of its tokens whatever
-    the split over micro-batches and ranks (a mean of per-micro-batch means would not be)."""
-    return sum(len(data[i][1]) for i in indices)
-
-
-def compute_loss(batch, run_model=None):
-    """Mean negative log-likelihood per response token (prompt and padding are masked out). run_model: what to
-    run instead of train_model (evaluation runs the plain module: no compiled graphs for its shapes)."""
-    logits, _ = (run_model or train_model)(batch["idx"])  # training: the DDP / compile wrapper, so gradients sync
-    logps, n_tokens = sequence_logprobs(logprobs_from_logits(logits, batch["targets"]), batch["mask"])
-    return sft_loss(logps, n_tokens), {}  # a fully masked batch gives 0, not 0/0
+def compute_loss(model, batch):
+    """Mean negative log-likelihood per response token (prompt and padding are masked out). Training passes the
+    wrapped model (DDP, compile), evaluation the plain one."""
+    logits, _ = model(batch["idx"])  # (B, T, V)
+    logps, n_tokens = summed_logps(token_logps(logits, batch["targets"]), batch["mask"])  # (B,) each
+    return sft_loss(logps, n_tokens)
 
 
 def evaluate():
-    """Held-out task_accuracy (embedded task, GSM8K) and/or eval_loss (held-out rows of a dataset)."""
-    results = {"task_accuracy": common.evaluate_task(model, task, tok, rt)} if task is not None else {}
-    if eval_data:  # held-out NLL per response token
-        results.update(common.evaluate_loss(model, lambda batch: compute_loss(batch, model), make_batch, eval_data,
-                                            batch_size, rt, target_tokens))
+    """Held-out task_accuracy (embedded task, GSM8K) and/or eval_loss (NLL per response token of held-out rows)."""
+    results = {"task_accuracy": evaluate_task(model, task, tok, rt)} if task is not None else {}
+    if eval_data:
+        results.update(evaluate_loss(model, lambda idx: (compute_loss(model, make_batch(idx, eval_data)), {}),
+                                     len(eval_data), batch_size, rt, lambda idx: sum(len(eval_data[i][1]) for i in idx)))
     return results
 
 
-results = common.train_loop(rt, train_model, optimizer, config, order, make_batch, compute_loss, evaluate,
-                            describe=lambda r: "", tokenizer=tokenizer, start_iter=start_iter, scaler=scaler,
-                            nonfinite_skipped=nonfinite_skipped, loss_weight=target_tokens)
+def save(it):
+    checkpoint.save_run(config, it, model, optimizer, order, scaler, tok.name, rt, nonfinite_skipped=guard.total,
+                        **results)
+
+
+# training
+train_model = runtime.wrap_policy(model, rt, compile)  # DDP / FSDP2 / compile; `model` stays the plain module
+optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
+scaler = runtime.grad_scaler(rt)
+order = BatchOrder(len(train_data), seed)
+guard = NonFiniteGuard(max_nonfinite)
+start_iter = 0
+if start.run:  # continue the run in out_dir exactly where its last checkpoint left it
+    start_iter = checkpoint.resume(start.run[1], start.run[0], model, optimizer, order, scaler, rt, max_iters)
+    guard.total = start.run[1].get("nonfinite_skipped", 0)
+mean_len = sum(len(p) + len(r) - 1 for p, r in train_data) / len(train_data)
+logger = Logger(out_dir, rt, start_iter, max_iters, log_interval, model.flops_per_token(mean_len), compile)
+results = {}
+for it in range(start_iter, max_iters + 1):
+    if it % eval_interval == 0 or it == max_iters:
+        results = evaluate()
+        logger.eval(it, results)
+    if it == max_iters:
+        break
+    if it > start_iter and (checkpoint_interval and it % checkpoint_interval == 0
+                            or always_save_checkpoint and it % eval_interval == 0):
+        save(it)
+    t0 = time.time()
+    lr = get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters, decay_lr)
+    set_lr(optimizer, lr)
+    step = order.take(batch_size * gradient_accumulation_steps)  # the step's row indices, the same on every rank
+    step_tokens = sum(len(train_data[i][1]) for i in step)  # response tokens + EOS: the loss is a mean over them
+    micro_batches = runtime.my_micro_batches(step, batch_size, gradient_accumulation_steps, rt)  # this rank's
+    step_loss = 0.0
+    for k, indices in enumerate(micro_batches):
+        batch = make_batch(indices)
+        share = batch["n_targets"] / step_tokens  # this micro-batch's share of the step's tokens
+        runtime.sync_gradients(train_model, rt, k == len(micro_batches) - 1)  # only after the last micro-batch
+        with rt.autocast():
+            loss = compute_loss(train_model, batch)
+        scaler.scale(loss * share * rt.world_size).backward()  # (DDP averages the ranks' gradients: undo it)
+        step_loss += loss.detach() * share
+        logger.add(loss, {}, share, batch["n_tokens"])
+    scaler.unscale_(optimizer)
+    grad_norm = clip_grad_norm(train_model, grad_clip)
+    if guard.all_finite(step_loss, grad_norm, scaler, rt, it):  # the same decision on every rank
+        scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    logger.step(it, lr, grad_norm, time.time() - t0, guard.total)
+save(max_iters)
+logger.finish(guard.total)
 if rt.master:
-    print(f"SFT done: {common.summary(results)} in {time.time() - t_start:.0f} s, "
-          f"peak RSS {common.peak_rss_mb():.0f} MB "
+    print(f"SFT done: {summary(results)} in {time.time() - t_start:.0f} s, peak RSS {peak_rss_mb():.0f} MB "
           f"-> {os.path.join(out_dir, 'ckpt.pt')}")
-common.cleanup(rt)
+runtime.cleanup(rt)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-OUT = "out/notebooks"
+# where the notebooks' runs go; the tests point it at a temporary folder
+OUT = os.environ.get("NANOPO_NOTEBOOK_OUT", "out/notebooks")
 # The shared SFT model: the full recipe (`python sft.py`) runs 1500 iterations; 500 give a model that
 # answers in the right format but has learnt the demonstrations' carry slip, which is what DPO should fix.
 # n_eval=500 held-out problems halves the cost of every evaluation in the DPO runs (they inherit it).
@@ -41,11 +42,11 @@ def ensure_sft():
     """Run the short SFT into out/notebooks/sft unless a checkpoint made with the same settings is already
     there (every notebook calls this; the first one pays for it: ~30-45 s on a 2-core CPU). Returns the
     checkpoint's path."""
-    import common
-    from data import UserError
+    from checkpoint import load_checkpoint
+    from errors import UserError
     path = f"{SFT_DIR}/ckpt.pt"
     try:
-        cfg = common.load_checkpoint(path)["config"]
+        cfg = load_checkpoint(path)["config"]
         if all(cfg.get(k) == v for k, v in dict(SFT_ARGS, out_dir=SFT_DIR).items()):
             print(f"reusing {path}")
             return path
@@ -102,7 +103,7 @@ def sampled_kl(policy, reference, task, tok, n_prompts=500, max_new_tokens=8, se
     Also returns the samples' exact-match accuracy: the reward the KL is paid for. Returns a dict with
     kl, kl_stderr and sampled_accuracy."""
     from data import collate
-    from losses import sequence_logprobs
+    from logprobs import summed_logps, token_logps
     policy.eval()
     reference.eval()
     problems = task.eval_problems[:n_prompts]
@@ -112,8 +113,8 @@ def sampled_kl(policy, reference, task, tok, n_prompts=500, max_new_tokens=8, se
     # generate drops the EOS; a completion shorter than max_new_tokens stopped because EOS was sampled
     seqs = [(p, o + [tok.eos_id] if len(o) < max_new_tokens else o) for p, o in zip(prompts, outs)]
     idx, targets, mask = collate(seqs, tok.pad_id)
-    log_ratio = (sequence_logprobs(policy.token_logprobs(idx, targets), mask)[0]
-                 - sequence_logprobs(reference.token_logprobs(idx, targets), mask)[0])  # (n,)
+    log_ratio = (summed_logps(token_logps(policy(idx)[0], targets), mask)[0]
+                 - summed_logps(token_logps(reference(idx)[0], targets), mask)[0])  # (n,)
     correct = [task.is_correct(task.prompt(a, b), tok.decode(o)) for (a, b), o in zip(problems, outs)]
     return {"kl": log_ratio.mean().item(), "kl_stderr": (log_ratio.std() / len(seqs) ** 0.5).item(),
             "sampled_accuracy": sum(correct) / len(correct)}
@@ -121,12 +122,13 @@ def sampled_kl(policy, reference, task, tok, n_prompts=500, max_new_tokens=8, se
 
 def load_model(path):
     """A GPT from a checkpoint (dropout off), its tokenizer and the task it was trained on."""
-    import common
-    from data import AdditionTask, Tokenizer
-    ckpt = common.load_checkpoint(path)
-    model = common.model_from_checkpoint(ckpt, path, dropout=0.0).eval()
+    from checkpoint import load_checkpoint, model_from_checkpoint
+    from data import Tokenizer
+    from tasks import AdditionTask
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, path, dropout=0.0).eval()
     cfg = ckpt["config"]
     if "loss_type" in cfg and cfg.get("init_from") != "scratch":
         # a dpo.py checkpoint started from SFT: the task settings are those of its SFT checkpoint
-        cfg = common.load_checkpoint(ckpt["sft_ckpt"])["config"]
+        cfg = load_checkpoint(ckpt["sft_ckpt"])["config"]
     return model, Tokenizer(ckpt["tokenizer"]), AdditionTask(cfg["n_digits"], cfg["n_eval"], cfg["task_seed"])

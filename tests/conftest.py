@@ -25,6 +25,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from data import Tokenizer  # noqa: E402
+from errors import UserError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 # The models here are tiny: one thread avoids thread start-up costs and contention on a small shared machine.
@@ -39,6 +40,16 @@ def repo_root():
 @pytest.fixture(scope="session")
 def byte_tok():
     return Tokenizer("byte")
+
+
+@pytest.fixture(scope="session")
+def gpt2_tok():
+    """GPT-2's BPE, or a skip: offline, tiktoken needs its rank file (TIKTOKEN_CACHE_DIR), which a clone with no
+    network and no ../shared/tiktoken does not have."""
+    try:
+        return Tokenizer("gpt2")
+    except UserError as e:
+        pytest.skip(f"no GPT-2 BPE rank file offline: {e}")
 
 
 @pytest.fixture

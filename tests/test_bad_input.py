@@ -13,9 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-import common
+import checkpoint
+import configurator
+import optim
+import runtime
 from configurator import apply_overrides
-from data import BatchOrder, UserError, encode_pair_rows, encode_sft_rows, load_rows
+from data import BatchOrder, encode_pair_rows, encode_sft_rows
+from errors import UserError
+from formats import load_rows
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +34,10 @@ SCRIPT_CASES = [
     ("zero_batch_size", "sft.py", ["--batch_size=0"], "batch_size=0 makes no sense"),
     ("negative_beta", "dpo.py", ["--beta=-0.1"], "beta=-0.1 makes no sense"),
     ("unknown_loss_type", "dpo.py", ["--loss_type=dpoo"], "unknown loss_type 'dpoo'"),
-    ("rpo_alpha_with_kto", "dpo.py", ["--loss_type=kto", "--rpo_alpha=1.0"], "rpo_alpha adds an NLL term"),
-    ("label_smoothing_with_ipo", "dpo.py", ["--loss_type=ipo", "--label_smoothing=0.1"], "applies to dpo only"),
+    ("rpo_alpha_with_kto", "dpo.py", ["--loss_type=kto", "--rpo_alpha=1.0"],
+     "rpo_alpha applies to dpo, ipo, hinge and simpo, not 'kto' (it adds an NLL term"),
+    ("label_smoothing_with_ipo", "dpo.py", ["--loss_type=ipo", "--label_smoothing=0.1"],
+     "label_smoothing applies to dpo only, not 'ipo'"),
     ("kto_micro_batch_of_one", "dpo.py", ["--loss_type=kto", "--batch_size=1"], "micro-batches of >= 2 rows"),
     ("no_cuda", "sft.py", ["--device=cuda"], "no CUDA GPU"),
     ("no_mps", "sft.py", ["--device=mps"], "no Apple GPU (MPS)"),
@@ -52,7 +59,7 @@ SCRIPT_CASES = [
      "JSON parse error"),
     ("compile_not_bool", "dpo.py", ["--compile=yes"], "compile='yes' makes no sense"),
     ("kto_precompute_ref", "dpo.py", ["--loss_type=kto", "--precompute_ref=True"],
-     "precompute_ref is not available for kto"),
+     "precompute_ref applies to dpo, ipo and hinge, not 'kto' (kto's KL term pairs completions across each batch"),
     ("simpo_reference_free", "dpo.py", ["--loss_type=simpo", "--reference_free=True"],
      "reference_free applies to dpo, ipo and hinge, not 'simpo'"),
     # offline (the tests set HF_HUB_OFFLINE): transformers cannot fetch the weights, and says so in one line
@@ -63,10 +70,10 @@ SCRIPT_CASES = [
 def write_training_checkpoint(out_dir, **model_kw):
     """A checkpoint with everything resume needs, as sft.py would write it for a TINY model."""
     model = GPT(GPTConfig(**dict(TINY, **model_kw)))
-    optimizer = common.configure_optimizer(model, 0.1, 1e-3, (0.9, 0.99), "cpu")
-    common.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), model, dict(TASK_CONFIG, out_dir=str(out_dir)),
+    optimizer = optim.configure_optimizer(model, 0.1, 1e-3, (0.9, 0.99), "cpu")
+    checkpoint.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), model, dict(TASK_CONFIG, out_dir=str(out_dir)),
                            "byte", iter_num=1, optimizer=optimizer.state_dict(),
-                           data_order=BatchOrder(10, 1).state_dict(), rng=common.rng_state())
+                           data_order=BatchOrder(10, 1).state_dict(), rng=checkpoint.rng_state())
 
 
 def make_files(d):
@@ -83,7 +90,7 @@ def make_files(d):
     (d / "not_utf8.jsonl").write_bytes(b'{"prompt": "1+1=", "completion": "2"}\n{"prompt": "a\xff", "completion": "3"}\n')
     (d / "truncated.jsonl").write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{"prompt": "1+1=", "chos')
     # model_args of one shape, weights of another (n_embd 32 vs 64)
-    ckpt = common.load_checkpoint(str(d / "run" / "ckpt.pt"))
+    ckpt = checkpoint.load_checkpoint(str(d / "run" / "ckpt.pt"))
     ckpt["model"] = GPT(GPTConfig(**dict(TINY, n_embd=64))).state_dict()
     torch.save(ckpt, d / "wrong_shape.pt")
 
@@ -148,8 +155,8 @@ BAD_CONFIGS = [
 def test_check_config_rejects(cfg, match):
     good = {"batch_size": 8, "max_iters": 0, "learning_rate": 1e-3, "n_embd": 32, "n_head": 2, "beta": 0.1,
             "label_smoothing": 0.0, "dropout": 0.0, "dtype": "auto"}
-    common.check_config(good)  # the baseline passes, so each failure below is the one key's doing
-    one_line_error(common.check_config, dict(good, **cfg), match=match)
+    configurator.check_config(good)  # the baseline passes, so each failure below is the one key's doing
+    one_line_error(configurator.check_config, dict(good, **cfg), match=match)
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -169,27 +176,24 @@ def test_bad_overrides_exit_with_one_line(argv, match):
 def test_text_file_as_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
     path.write_text("this is not a checkpoint\n")
-    one_line_error(common.load_checkpoint, str(path), match="could not be read: empty, cut short or not a")
+    one_line_error(checkpoint.load_checkpoint, str(path), match="could not be read: empty, cut short or not a")
 
 
 def test_empty_checkpoint_file(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"")  # torch.load's error here has no message at all
-    one_line_error(common.load_checkpoint, str(tmp_path / "ckpt.pt"), match="could not be read")
+    one_line_error(checkpoint.load_checkpoint, str(tmp_path / "ckpt.pt"), match="could not be read")
 
 
-def test_gradient_accumulation_not_divisible_by_world_size(tmp_path):
-    # what 2 processes under torchrun would see, without starting them: train_loop checks before any work
-    rt = common.Runtime("cpu", "cpu", "float32", ddp=False, rank=0, local_rank=0, world_size=2)
-    cfg = {"gradient_accumulation_steps": 3, "batch_size": 5, "max_iters": 1, "out_dir": str(tmp_path)}
-    model = GPT(GPTConfig(**TINY))
-    one_line_error(common.train_loop, rt, model, None, cfg, None, None, None, None, None, "byte",
+def test_gradient_accumulation_not_divisible_by_world_size():
+    # what 2 processes under torchrun see (the scripts ask right after set-up, before any work)
+    one_line_error(runtime.micro_batches, 5, 3, 2,
                    match="batch_size=5 x gradient_accumulation_steps=3 cannot be split evenly over 2 processes")
     # an even batch_size is shared out instead: no error from the split
-    assert common.micro_batches(4, 3, 2) == (3, 2) and common.micro_batches(4, 2, 2) == (1, 4)
+    assert runtime.micro_batches(4, 3, 2) == (3, 2) and runtime.micro_batches(4, 2, 2) == (1, 4)
 
 
 def test_unknown_device():
-    one_line_error(common.setup_runtime, "cdua", "float32", 1, match="unknown device 'cdua'")
+    one_line_error(runtime.setup, "cdua", "float32", 1, match="unknown device 'cdua'")
 
 
 @pytest.fixture
@@ -202,25 +206,26 @@ def test_checkpoint_of_another_format(tiny_ckpt):
     ckpt = torch.load(tiny_ckpt, weights_only=True)
     ckpt["format_version"] = 99
     torch.save(ckpt, tiny_ckpt)
-    one_line_error(common.load_checkpoint, tiny_ckpt, match="has format 99, expected 1")
+    one_line_error(checkpoint.load_checkpoint, tiny_ckpt, match="has format 99, expected 1")
 
 
 def test_state_dict_without_model_args(tiny_ckpt):
     torch.save(GPT(GPTConfig(**TINY)).state_dict(), tiny_ckpt)  # a bare state dict, not a checkpoint
-    one_line_error(common.load_checkpoint, tiny_ckpt, match="is not a checkpoint of this code")
+    one_line_error(checkpoint.load_checkpoint, tiny_ckpt, match="is not a checkpoint of this code")
 
 
 def test_checkpoint_with_missing_layers(tiny_ckpt):
-    ckpt = common.load_checkpoint(tiny_ckpt)
+    ckpt = checkpoint.load_checkpoint(tiny_ckpt)
     ckpt["model_args"]["n_layer"] = 2  # the weights hold one block
-    one_line_error(common.model_from_checkpoint, ckpt, tiny_ckpt, match="missing keys ['transformer.h.1.attn.c_attn")
+    one_line_error(checkpoint.model_from_checkpoint, ckpt, tiny_ckpt, match="missing keys ['transformer.h.1.attn.c_attn")
 
 
 def test_checkpoint_without_training_state_cannot_resume(tiny_ckpt):
-    ckpt = common.load_checkpoint(tiny_ckpt)
+    ckpt = checkpoint.load_checkpoint(tiny_ckpt)
     del ckpt["optimizer"]  # e.g. a checkpoint converted from GPT-2 weights
     model = GPT(GPTConfig(**TINY))
-    one_line_error(common.resume_state, ckpt, model, None, None, path=tiny_ckpt, match="has no 'optimizer'")
+    one_line_error(checkpoint.resume, ckpt, tiny_ckpt, model, None, None, None, runtime.SINGLE_PROCESS_CPU, 10,
+                   match="has no 'optimizer'")
 
 
 # -- rows: each bad row is named (source, row, key), or skipped and counted

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import common
-from data import UserError
+import checkpoint
+import optim
+from errors import UserError
 from model import GPT
 
 
@@ -30,23 +31,23 @@ def outputs(model):
 @pytest.fixture
 def saved(tmp_path, tiny_model):
     path = str(tmp_path / "run" / "ckpt.pt")
-    common.save_checkpoint(path, tiny_model, {"lr": 0.1, "name": "x"}, "byte", iter_num=7, task_accuracy=0.5)
+    checkpoint.save_checkpoint(path, tiny_model, {"lr": 0.1, "name": "x"}, "byte", iter_num=7, task_accuracy=0.5)
     return path
 
 
 def test_round_trip_is_exact(saved, tiny_model):
-    ckpt = common.load_checkpoint(saved, tokenizer="byte")
+    ckpt = checkpoint.load_checkpoint(saved, tokenizer="byte")
     assert ckpt["iter_num"] == 7 and ckpt["task_accuracy"] == 0.5 and ckpt["tokenizer"] == "byte"
     assert ckpt["config"] == {"lr": 0.1, "name": "x"}
     assert ckpt["model_args"]["n_layer"] == tiny_model.config.n_layer
-    restored = common.model_from_checkpoint(ckpt, saved).eval()
+    restored = checkpoint.model_from_checkpoint(ckpt, saved).eval()
     assert restored.config == tiny_model.config
     for k, v in tiny_model.state_dict().items():
         assert torch.equal(restored.state_dict()[k], v), k
     assert torch.equal(outputs(restored), outputs(tiny_model))
     assert restored.lm_head.weight is restored.transformer.wte.weight  # the tie survives a load
     # overrides change the built model's config, not its weights
-    assert common.model_from_checkpoint(ckpt, saved, dropout=0.3).config.dropout == 0.3
+    assert checkpoint.model_from_checkpoint(ckpt, saved, dropout=0.3).config.dropout == 0.3
 
 
 def test_save_is_atomic_and_leaves_no_temporary_file(saved):
@@ -63,7 +64,7 @@ def test_prefixed_state_dicts_load_strictly(tiny_model, tiny_config):
     state = tiny_model.state_dict()
     for prefix in ("_orig_mod.", "module.", "module._orig_mod."):
         fresh = GPT(tiny_config).eval()
-        common.load_state_strict(fresh, {prefix + k: v for k, v in state.items()})
+        checkpoint.load_state_strict(fresh, {prefix + k: v for k, v in state.items()})
         assert torch.equal(outputs(fresh), outputs(tiny_model)), prefix
     # the real wrappers' key names: a DDP-style .module container, and torch.compile (no compiling happens
     # until the first call, so listing its state dict is cheap)
@@ -73,62 +74,62 @@ def test_prefixed_state_dicts_load_strictly(tiny_model, tiny_config):
     assert set(compiled) == {"_orig_mod." + k for k in state}
     for sd in (wrapped, compiled):
         fresh = GPT(tiny_config).eval()
-        common.load_state_strict(fresh, sd)
+        checkpoint.load_state_strict(fresh, sd)
         assert torch.equal(outputs(fresh), outputs(tiny_model))
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
 def test_saving_a_wrapped_model_stores_plain_keys(tmp_path, tiny_model):
     path = str(tmp_path / "ckpt.pt")
-    common.save_checkpoint(path, Wrapper(torch.compile(tiny_model)), {}, "byte")
-    assert set(common.load_checkpoint(path)["model"]) == set(tiny_model.state_dict())
+    checkpoint.save_checkpoint(path, Wrapper(torch.compile(tiny_model)), {}, "byte")
+    assert set(checkpoint.load_checkpoint(path)["model"]) == set(tiny_model.state_dict())
 
 
 def test_missing_or_unexpected_key_is_named(tiny_model, tiny_config):
     state = dict(tiny_model.state_dict())
     del state["transformer.h.1.mlp.c_fc.bias"]
     with pytest.raises(UserError, match="missing keys.*transformer.h.1.mlp.c_fc.bias"):
-        common.load_state_strict(GPT(tiny_config), state, "ck.pt")
+        checkpoint.load_state_strict(GPT(tiny_config), state, "ck.pt")
     state = dict(tiny_model.state_dict(), **{"transformer.h.0.attn.bias": torch.zeros(1)})
     with pytest.raises(UserError, match="unexpected keys.*transformer.h.0.attn.bias"):
-        common.load_state_strict(GPT(tiny_config), state, "ck.pt")
+        checkpoint.load_state_strict(GPT(tiny_config), state, "ck.pt")
     state = dict(tiny_model.state_dict())
     state["transformer.wpe.weight"] = torch.zeros(5, tiny_config.n_embd)
     with pytest.raises(UserError, match="'transformer.wpe.weight' has shape \\(5, 32\\)"):
-        common.load_state_strict(GPT(tiny_config), state, "ck.pt")
+        checkpoint.load_state_strict(GPT(tiny_config), state, "ck.pt")
 
 
 def test_model_args_that_do_not_fit_are_a_user_error(saved):
-    ckpt = common.load_checkpoint(saved)
+    ckpt = checkpoint.load_checkpoint(saved)
     ckpt["model_args"]["n_layer"] = 1  # one block fewer than the weights hold
     with pytest.raises(UserError, match="unexpected keys.*transformer.h.1"):
-        common.model_from_checkpoint(ckpt, saved)
+        checkpoint.model_from_checkpoint(ckpt, saved)
     ckpt["model_args"]["n_layers"] = 1
     with pytest.raises(UserError, match="model_args"):
-        common.model_from_checkpoint(ckpt, saved)
+        checkpoint.model_from_checkpoint(ckpt, saved)
 
 
 def test_tokenizer_mismatch_is_an_error(saved):
     with pytest.raises(UserError, match="tokenizer 'byte'.*'gpt2'"):
-        common.load_checkpoint(saved, tokenizer="gpt2")
+        checkpoint.load_checkpoint(saved, tokenizer="gpt2")
 
 
 def test_unreadable_or_foreign_files_are_user_errors(tmp_path, saved):
     with pytest.raises(UserError, match="does not exist"):
-        common.load_checkpoint(str(tmp_path / "none.pt"))
+        checkpoint.load_checkpoint(str(tmp_path / "none.pt"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="could not be read"):
-        common.load_checkpoint(str(junk))
+        checkpoint.load_checkpoint(str(junk))
     foreign = str(tmp_path / "foreign.pt")
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(UserError, match="not a checkpoint of this code"):
-        common.load_checkpoint(foreign)
-    old = common.load_checkpoint(saved)
+        checkpoint.load_checkpoint(foreign)
+    old = checkpoint.load_checkpoint(saved)
     old["format_version"] = 0
     torch.save(old, foreign)
     with pytest.raises(UserError, match="format 0"):
-        common.load_checkpoint(foreign)
+        checkpoint.load_checkpoint(foreign)
 
 
 class Payload:
@@ -136,12 +137,12 @@ class Payload:
 
 
 def test_weights_only_refuses_pickled_objects(tmp_path, saved):
-    ckpt = common.load_checkpoint(saved)
+    ckpt = checkpoint.load_checkpoint(saved)
     ckpt["extra"] = Payload()
     path = str(tmp_path / "pickled.pt")
     torch.save(ckpt, path)
     with pytest.raises(UserError, match="could not be read"):
-        common.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
 
 
 def test_non_finite_weights_are_not_saved(tmp_path, tiny_model):
@@ -149,7 +150,7 @@ def test_non_finite_weights_are_not_saved(tmp_path, tiny_model):
         tiny_model.transformer.ln_f.bias[0] = float("nan")
     path = str(tmp_path / "ckpt.pt")
     with pytest.raises(UserError, match="transformer.ln_f.bias"):
-        common.save_checkpoint(path, tiny_model, {}, "byte")
+        checkpoint.save_checkpoint(path, tiny_model, {}, "byte")
     assert not os.path.exists(path)
 
 
@@ -157,14 +158,14 @@ def test_training_checkpoint_is_weights_only_loadable(tmp_path, tiny_model):
     """The resume state (optimizer, data order, RNG states of torch/numpy/python) must also load with
     weights_only, i.e. hold tensors and plain containers only."""
     from data import BatchOrder
-    opt = common.configure_optimizer(tiny_model, 0.1, 1e-3, (0.9, 0.99), "cpu")
+    opt = optim.configure_optimizer(tiny_model, 0.1, 1e-3, (0.9, 0.99), "cpu")
     tiny_model(torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4, dtype=torch.long))[1].backward()
     opt.step()
     order = BatchOrder(10, 1)
     order.take(3)
     cfg = {"out_dir": str(tmp_path), "keep_last": 1}
-    common.save_training_checkpoint(cfg, 5, tiny_model, opt, order, torch.amp.GradScaler("cpu", enabled=False),
-                                    "byte", {"task_accuracy": 0.25}, {})
-    ckpt = common.load_checkpoint(str(tmp_path / "ckpt.pt"), "byte")
+    checkpoint.save_run(cfg, 5, tiny_model, opt, order, torch.amp.GradScaler("cpu", enabled=False), "byte",
+                        task_accuracy=0.25)
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / "ckpt.pt"), "byte")
     assert ckpt["iter_num"] == 5 and ckpt["data_order"] == {"epoch": 0, "pos": 3, "n": 10, "seed": 1}
     assert ckpt["task_accuracy"] == 0.25

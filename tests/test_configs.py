@@ -59,7 +59,7 @@ def test_a_config_with_a_wrong_key_is_caught(tmp_path, repo_root):
 
 
 def test_sample_prints_both_models_greedy_answers(tmp_path, repo_root, script_env):
-    import common
+    import checkpoint
     from data import Tokenizer
 
     sft_dir, dpo_dir = tmp_path / "sft", tmp_path / "dpo"
@@ -76,7 +76,7 @@ def test_sample_prints_both_models_greedy_answers(tmp_path, repo_root, script_en
     # the columns are the models' own greedy completions, computed here independently
     tok = Tokenizer("byte")
     for path, column in ((sft_dir / "ckpt.pt", 1), (dpo_dir / "ckpt.pt", 2)):
-        model = common.model_from_checkpoint(common.load_checkpoint(str(path)), str(path)).eval()
+        model = checkpoint.model_from_checkpoint(checkpoint.load_checkpoint(str(path)), str(path)).eval()
         outs = model.generate([tok.encode("12+34="), tok.encode("99+1=")], 4, tok.eos_id, tok.pad_id)
         for line, out in zip(lines, outs):
             assert repr(tok.decode(out)) in line

@@ -3,14 +3,13 @@ the preference pairs built from it, and the resumable batch order. Expected valu
 (UTF-8 bytes, integer arithmetic, hand-written cases), not from the code under test."""
 
 import math
-import os
-import random
 
 import pytest
 import torch
 
-from data import (AdditionTask, BatchOrder, Tokenizer, UserError, collate, collate_pairs, encode_pair_rows,
-                  encode_sft_rows, truncate)
+from data import BatchOrder, Tokenizer, collate, collate_pairs, encode_pair_rows, encode_sft_rows, truncate
+from errors import UserError
+from tasks import AdditionTask
 
 EOS, PAD = 256, 257  # the byte tokenizer's special ids
 
@@ -153,11 +152,8 @@ def test_byte_tokenizer_round_trips_unicode(byte_tok):
     assert byte_tok.decode(utf8("hi") + [PAD, PAD]) == "hi"  # padding is dropped
 
 
-def test_gpt2_tokenizer():
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR")
-    if not cache or not os.path.isdir(cache):
-        pytest.skip("no GPT-2 BPE rank file offline (TIKTOKEN_CACHE_DIR unset or missing)")
-    tok = Tokenizer("gpt2")
+def test_gpt2_tokenizer(gpt2_tok):
+    tok = gpt2_tok
     assert tok.encode("Hello world") == [15496, 995]
     assert tok.eos_id == tok.pad_id == 50256 and tok.n_vocab == 50257
     assert tok.decode([15496, 995]) == "Hello world"

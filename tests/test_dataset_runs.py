@@ -8,7 +8,6 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from test_dpo_options import run_script
 
 TINY = ["--max_iters=2", "--batch_size=4", "--eval_interval=2", "--log_interval=1", "--n_eval=5"]

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 
+import kto
 from model import GPT
 
 SFT = ["--n_layer=1", "--n_head=2", "--n_embd=48", "--max_iters=120", "--batch_size=32", "--learning_rate=3e-3",
@@ -108,10 +109,11 @@ def test_precomputed_reference_and_prefix_sharing_equal_the_live_reference(repo_
 
 def test_kto_kl_uses_mismatched_pairs(repo_root, sft_ckpt, tmp_path):
     g = dpo(repo_root, sft_ckpt, tmp_path, "--loss_type=kto", "--max_iters=1")
-    rows = g["train_data"][:4]
-    # the script's KL inputs pair prompt i with completion (i + 1) % n, never its own
-    shifted = g["kto_mismatched_indices"](len(rows))
-    assert all(j != i for i, j in enumerate(shifted))
+    rows = [(p, y) for p, y, _ in g["train_data"][:4]]
+    # the KL inputs pair prompt i with completion (i + 1) % n, never its own
+    mismatched = kto.mismatched(rows, 32)
+    assert [p for p, _ in mismatched] == [p for p, _ in rows]
+    assert [y for _, y in mismatched] == [y for _, y in rows[1:] + rows[:1]]
     with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
         kl = [r["kl"] for r in map(json.loads, f) if "kl" in r]
     assert kl and kl[0] == 0.0  # step 0: policy = reference, so the estimate is exactly 0

@@ -10,8 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data import (AnswerTask, SkipCounter, Tokenizer, UserError, collate, collate_pairs, detect_format,
-                  encode_pair_rows, encode_sft_rows, extract_final_number, gsm8k_answer, load_rows, render_chat)
+from data import SkipCounter, collate, collate_pairs, encode_pair_rows, encode_sft_rows
+from errors import UserError
+from formats import detect_format, load_rows, render_chat
+from tasks import AnswerTask, extract_final_number, gsm8k_answer
 
 
 def _write(tmp_path, name, rows):
@@ -214,8 +216,8 @@ def test_pairs_as_sft_use_the_chosen_answer(tmp_path):
     assert load_rows(path, kind="sft")[0] == [{"prompt": "a", "response": "b"}]
 
 
-def test_template_markers_are_plain_text_for_gpt2():
-    tok = Tokenizer("gpt2")
+def test_template_markers_are_plain_text_for_gpt2(gpt2_tok):
+    tok = gpt2_tok
     text = render_chat([_msg("system", "Be brief."), _msg("user", "Hi <|endoftext|>")])
     ids = tok.encode(text)
     assert tok.eos_id not in ids and tok.decode(ids) == text
@@ -357,7 +359,7 @@ def test_gsm8k_answer_and_final_number():
 
 def test_common_prefix_len_equals_a_character_loop():
     """HH's prompt is the transcripts' common start; the bisection that finds it against the obvious loop."""
-    from data import _common_prefix_len
+    from formats import _common_prefix_len
     rng = random.Random(0)
     for _ in range(5000):
         a, b = ("".join(rng.choice("ab\n") for _ in range(rng.randint(0, 12))) for _ in range(2))

@@ -10,7 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from common import save_checkpoint  # noqa: E402
+from checkpoint import save_checkpoint  # noqa: E402
+
 from export_hf import export  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 

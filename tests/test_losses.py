@@ -7,8 +7,18 @@ import math
 import pytest
 import torch
 
-from losses import (average_logprobs, dpo_loss, hinge_loss, ipo_loss, kto_loss, kto_mismatched_indices,
-                    log1mexp, orpo_loss, sequence_logprobs, sft_loss, simpo_loss)
+from logprobs import average_logps, summed_logps
+from losses import (
+    dpo_loss,
+    hinge_loss,
+    ipo_loss,
+    kto_loss,
+    kto_mismatched_indices,
+    log1mexp,
+    orpo_loss,
+    sft_loss,
+    simpo_loss,
+)
 
 
 def t(*xs, dtype=torch.float64, grad=False):
@@ -28,17 +38,17 @@ PAIRWISE = [dpo_loss, ipo_loss, hinge_loss]
 
 # ---------------------------------------------------------------- sequence log-probs
 
-def test_sequence_logprobs_hand_example():
+def test_summed_logps_hand_example():
     token_logps = torch.tensor([[-1.0, -2.0, -3.0, -4.0],
                                 [-0.5, -0.25, -9.0, -9.0],
                                 [-7.0, -7.0, -7.0, -7.0]])
     mask = torch.tensor([[0, 1, 1, 0],   # prompt, 2 response tokens, padding
                          [1, 1, 0, 0],
                          [0, 0, 0, 0]])  # empty response
-    logps, n = sequence_logprobs(token_logps, mask)
+    logps, n = summed_logps(token_logps, mask)
     assert logps.tolist() == [-5.0, -0.75, 0.0]
     assert n.tolist() == [2.0, 2.0, 0.0]
-    assert average_logprobs(logps, n).tolist() == [-2.5, -0.375, 0.0]  # empty -> 0, not NaN
+    assert average_logps(logps, n).tolist() == [-2.5, -0.375, 0.0]  # empty -> 0, not NaN
 
 
 def test_sft_loss_token_average():
@@ -298,8 +308,8 @@ def test_huge_margins_finite(delta):
 
 def test_empty_responses_finite():
     # two empty responses: summed logps 0, n_tokens 0 -> averages 0
-    logps, n = sequence_logprobs(torch.randn(2, 5), torch.zeros(2, 5))
-    avg = average_logprobs(logps, n)
+    logps, n = summed_logps(torch.randn(2, 5), torch.zeros(2, 5))
+    avg = average_logps(logps, n)
     assert avg.tolist() == [0.0, 0.0]
     p = avg.clone().requires_grad_()
     outs = [fn(p, p * 1, avg, avg)[0] for fn in PAIRWISE]

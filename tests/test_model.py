@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from data import collate_pairs
-from losses import sequence_logprobs
-from model import GPT, GPTConfig, KVCache, logprobs_from_logits
+from logprobs import summed_logps, token_logps
+from model import GPT, GPTConfig, KVCache
 
 V = 258
 
@@ -45,7 +45,7 @@ def test_token_logprobs_equal_negative_cross_entropy(tiny_model):
     idx, targets = random_tokens(3, 20, seed=1), random_tokens(3, 20, seed=2)
     logits, _ = tiny_model(idx)
     expected = -F.cross_entropy(logits.view(-1, V), targets.view(-1), reduction="none").view(3, 20)
-    got = tiny_model.token_logprobs(idx, targets)
+    got = token_logps(tiny_model(idx)[0], targets)
     assert got.shape == (3, 20) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     # and in float64, from the definition log p = z_t - log sum_v exp(z_v)
@@ -59,7 +59,7 @@ def test_forward_loss_is_mean_nll_ignoring_minus_one(tiny_model):
     idx, targets = random_tokens(2, 10, seed=3), random_tokens(2, 10, seed=4)
     targets[0, :4] = -1
     _, loss = tiny_model(idx, targets)
-    logps = tiny_model.token_logprobs(idx, targets.clamp(min=0))
+    logps = token_logps(tiny_model(idx)[0], targets.clamp(min=0))
     keep = targets != -1
     torch.testing.assert_close(loss, -logps[keep].mean(), rtol=0, atol=1e-6)
 
@@ -68,13 +68,13 @@ def test_token_logprobs_are_float32_under_bf16_autocast(tiny_model):
     idx, targets = random_tokens(2, 12, seed=5), random_tokens(2, 12, seed=6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, _ = tiny_model(idx)
-        got = tiny_model.token_logprobs(idx, targets)
+        got = token_logps(tiny_model(idx)[0], targets)
     assert logits.dtype == torch.bfloat16  # autocast really was on
     assert got.dtype == torch.float32
     # the normaliser is computed from the upcast logits, not in bf16
     expected = torch.log_softmax(logits.double(), -1).gather(2, targets[..., None])[..., 0]
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-5)
-    assert logprobs_from_logits(logits, targets).dtype == torch.float32
+    assert token_logps(logits, targets).dtype == torch.float32
 
 
 def test_concatenated_forward_equals_separate_forwards(tiny_model):
@@ -84,16 +84,16 @@ def test_concatenated_forward_equals_separate_forwards(tiny_model):
              ([11], [12, 13, 14, 15, 16, 17, 256], [18, 256]),
              ([20, 21, 22, 23, 24, 25], [26, 256], [27, 28, 29, 30, 256])]
     idx, targets, mask = collate_pairs(pairs, pad_id=257)
-    batch_logps = tiny_model.token_logprobs(idx, targets)  # (2B, T)
+    batch_logps = token_logps(tiny_model(idx)[0], targets)  # (2B, T)
     seqs = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
     sums = []
     for b, s in enumerate(seqs):
-        alone = tiny_model.token_logprobs(torch.tensor([s[:-1]]), torch.tensor([s[1:]]))[0]  # (len(s) - 1,)
+        alone = token_logps(tiny_model(torch.tensor([s[:-1]]))[0], torch.tensor([s[1:]]))[0]  # (len(s) - 1,)
         n = len(s) - 1
         assert (batch_logps[b, :n] - alone).abs().max() <= 1e-5
         prompt_len = len(pairs[b % len(pairs)][0])
         sums.append(alone[prompt_len - 1:].double().sum())  # the response + EOS targets only
-    logps, n_tokens = sequence_logprobs(batch_logps, mask)
+    logps, n_tokens = summed_logps(batch_logps, mask)
     torch.testing.assert_close(logps.double(), torch.stack(sums), rtol=0, atol=1e-4)
     assert n_tokens.tolist() == [len(c) for _, c, _ in pairs] + [len(r) for _, _, r in pairs]
 

@@ -27,6 +27,19 @@ def test_there_are_notebooks():
     assert len(NOTEBOOKS) >= 4, NOTEBOOKS
 
 
+@pytest.fixture(scope="module", autouse=True)
+def notebook_runs_in_a_temporary_folder(tmp_path_factory):
+    """The notebooks' training runs (nbutil.OUT) go to a temporary folder shared by the notebooks of this module
+    (they reuse one SFT checkpoint), not into the repo's out/; the kernels inherit the variable."""
+    old = os.environ.get("NANOPO_NOTEBOOK_OUT")
+    os.environ["NANOPO_NOTEBOOK_OUT"] = str(tmp_path_factory.mktemp("notebooks"))
+    yield
+    if old is None:
+        del os.environ["NANOPO_NOTEBOOK_OUT"]
+    else:
+        os.environ["NANOPO_NOTEBOOK_OUT"] = old
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs_and_matches_committed_outputs(path):
     committed = nbformat.read(path, as_version=4)

@@ -13,10 +13,12 @@ import sys
 import pytest
 import torch
 
-import common
+import checkpoint
+import optim
 from data import collate_pairs
-from losses import dpo_loss, sequence_logprobs
-from model import GPT, GPTConfig, logprobs_from_logits
+from logprobs import summed_logps, token_logps
+from losses import dpo_loss
+from model import GPT, GPTConfig
 
 # Small enough for seconds on one CPU thread, large enough that SFT learns something and DPO visibly separates
 # chosen from rejected (measured: SFT ~2 s, DPO ~1 s of training; DPO loss 0.69 -> ~0.1, accuracies -> ~1.0).
@@ -64,7 +66,7 @@ def test_sft_metrics_and_checkpoint(runs):
     assert [set(r) for r in evals] == [{"iter", "task_accuracy"}] * 2 and [r["iter"] for r in evals] == [0, 150]
     # from ~ln(258) per token at the start to well below it: the model learnt the answer format
     assert train[0]["loss"] > 5.0 and train[-1]["loss"] < 2.5
-    ckpt = common.load_checkpoint(os.path.join(runs["sft"], "ckpt.pt"), "byte")
+    ckpt = checkpoint.load_checkpoint(os.path.join(runs["sft"], "ckpt.pt"), "byte")
     assert ckpt["iter_num"] == 150 and ckpt["task_accuracy"] == evals[-1]["task_accuracy"]
 
 
@@ -81,7 +83,7 @@ def test_dpo_starts_at_ln2_with_zero_rewards(runs):
 def test_dpo_starts_from_the_sft_model(runs):
     _, sft_evals = read_metrics(runs["sft"])
     _, dpo_evals = read_metrics(runs["dpo"])
-    sft_ckpt = common.load_checkpoint(os.path.join(runs["sft"], "ckpt.pt"))
+    sft_ckpt = checkpoint.load_checkpoint(os.path.join(runs["sft"], "ckpt.pt"))
     assert dpo_evals[0]["iter"] == 0
     assert dpo_evals[0]["task_accuracy"] == sft_ckpt["task_accuracy"] == sft_evals[-1]["task_accuracy"]
 
@@ -107,7 +109,7 @@ def test_dpo_metrics_schema(runs):
     assert [r["iter"] for r in evals] == [0, 30]
     for r in evals:
         assert set(r) == {"iter", "task_accuracy"} and 0.0 <= r["task_accuracy"] <= 1.0
-    ckpt = common.load_checkpoint(os.path.join(runs["dpo"], "ckpt.pt"), "byte")
+    ckpt = checkpoint.load_checkpoint(os.path.join(runs["dpo"], "ckpt.pt"), "byte")
     assert ckpt["iter_num"] == 30 and ckpt["task_accuracy"] == evals[-1]["task_accuracy"]
     assert ckpt["sft_ckpt"] == os.path.join(runs["sft"], "ckpt.pt")
 
@@ -123,7 +125,7 @@ def test_reference_stays_frozen_and_bit_identical():
     reference.requires_grad_(False)
     saved = {k: v.clone() for k, v in reference.state_dict().items()}
     start = {k: v.clone() for k, v in policy.state_dict().items()}
-    optimizer = common.configure_optimizer(policy, 0.0, 1e-2, (0.9, 0.99), "cpu")
+    optimizer = optim.configure_optimizer(policy, 0.0, 1e-2, (0.9, 0.99), "cpu")
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == policy.get_num_params(False)
 
     g = torch.Generator().manual_seed(1)
@@ -133,7 +135,7 @@ def test_reference_stays_frozen_and_bit_identical():
 
     def logps(model, idx, targets, mask):
         B = idx.size(0) // 2
-        lp, _ = sequence_logprobs(logprobs_from_logits(model(idx)[0], targets), mask)
+        lp, _ = summed_logps(token_logps(model(idx)[0], targets), mask)
         return lp[:B], lp[B:]
 
     for step in range(4):

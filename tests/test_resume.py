@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-import common
+import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=8", "--n_eval=50", "--device=cpu",
@@ -125,7 +125,7 @@ def test_keep_last_keeps_this_runs_newest(tmp_path, script_env):
     args = SFT_TINY + ["--max_iters=6", "--eval_interval=100", "--checkpoint_interval=2", "--keep_last=2"]
     run_script("sft.py", args + [f"--out_dir={out}"], tmp_path, script_env)
     assert sorted(f.name for f in out.glob("ckpt_*.pt")) == ["ckpt_0000004.pt", "ckpt_0000006.pt"]
-    assert common.load_checkpoint(str(out / "ckpt_0000004.pt"))["iter_num"] == 4
+    assert checkpoint.load_checkpoint(str(out / "ckpt_0000004.pt"))["iter_num"] == 4
 
 
 def test_dpo_resume_is_exact(sft_full, tmp_path, script_env):
@@ -140,7 +140,7 @@ def test_dpo_resume_is_exact(sft_full, tmp_path, script_env):
     assert_same_metrics(full, resumed)
     assert_same_final_state(full, resumed)
     # and the resumed run's checkpoints name it too, so it can be resumed once more
-    assert common.load_checkpoint(os.path.join(resumed, "ckpt.pt"))["config"]["sft_ckpt"] == sft_ckpt
+    assert checkpoint.load_checkpoint(os.path.join(resumed, "ckpt.pt"))["config"]["sft_ckpt"] == sft_ckpt
 
 
 def test_dpo_from_scratch_resume_is_exact(tmp_path, script_env):
@@ -159,7 +159,7 @@ def test_dpo_from_scratch_resume_is_exact(tmp_path, script_env):
     assert "from iter 2" in out
     assert_same_metrics(full, resumed)
     assert_same_final_state(full, resumed)
-    assert common.load_checkpoint(os.path.join(resumed, "ckpt.pt"))["config"]["sft_ckpt"] == ""
+    assert checkpoint.load_checkpoint(os.path.join(resumed, "ckpt.pt"))["config"]["sft_ckpt"] == ""
     # a loss that needs a reference model cannot continue it: one line, no traceback
     proc = subprocess.run([sys.executable, os.path.join(REPO, "dpo.py"), *args, "--loss_type=dpo",
                            "--init_from=resume", f"--out_dir={again}"], cwd=tmp_path, env=script_env,
@@ -225,7 +225,7 @@ def test_sigkill_at_any_moment_leaves_a_resumable_checkpoint(tmp_path, script_en
         proc.stderr.close()
         assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed: make it longer"
         caught_mid_write += tmp.exists()  # the half-written file is still there
-        ckpt = common.load_checkpoint(str(out / "ckpt.pt"), tokenizer="byte")
+        ckpt = checkpoint.load_checkpoint(str(out / "ckpt.pt"), tokenizer="byte")
         assert last_iter <= ckpt["iter_num"] < max_iters
         assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
         last_iter = ckpt["iter_num"]
@@ -234,5 +234,5 @@ def test_sigkill_at_any_moment_leaves_a_resumable_checkpoint(tmp_path, script_en
     done = subprocess.run(args + ["--init_from=resume"], cwd=tmp_path, env=script_env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert common.load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == max_iters
+    assert checkpoint.load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == max_iters
     assert [r["iter"] for r in read_metrics(out) if "loss" in r] == list(range(max_iters))

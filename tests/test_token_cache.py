@@ -3,8 +3,8 @@ tokenising again, and any change to the rows, tokenizer or block size misses the
 
 import os
 
-from data import Tokenizer, cached_encode, encode_pair_rows
-
+from data import Tokenizer, encode_pair_rows
+from formats import cached_encode
 
 ROWS = [{"prompt": "Is the sky blue?", "chosen": " Yes.", "rejected": " No."},
         {"prompt": "2+2=", "chosen": "4", "rejected": "5"},

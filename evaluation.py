@@ -1,0 +1,60 @@
+"""
+Held-out evaluation, shared by sft.py and dpo.py: exact-match accuracy of greedy answers on a task with a
+verifier, and the training loss (with its metrics) over held-out rows. Both run the plain model, in eval mode,
+without gradients, and put it back in training mode after.
+"""
+
+import torch
+
+from logger import Progress
+from runtime import all_reduce_sum, unwrap
+
+
+@torch.no_grad()
+def evaluate_task(model, task, tok, rt, batch_size=500):
+    """Held-out exact-match accuracy (0-1) of greedy completions of task.eval_prompts, checked by
+    task.is_correct. Under DDP each rank takes every world_size-th prompt and the counts are summed, so no
+    rank waits on another's share. Under FSDP2 every forward is a collective, so every rank generates for every
+    prompt instead (identical weights and inputs give identical outputs and the same number of steps)."""
+    raw = unwrap(model)
+    was_training = raw.training
+    raw.eval()
+    rank, world = (0, 1) if rt.fsdp else (rt.rank, rt.world_size)
+    prompts = task.eval_prompts[rank::world]
+    correct, progress = 0, Progress("evaluating held-out prompts", len(prompts), rt.master)
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        with rt.autocast():
+            outs = raw.generate([tok.encode(p) for p in chunk], task.max_new_tokens, tok.eos_id, tok.pad_id)
+        correct += sum(task.is_correct(p, tok.decode(o)) for p, o in zip(chunk, outs))
+        progress.update(i + len(chunk))
+    counts = torch.tensor([correct, len(prompts)], dtype=torch.float64, device=rt.device)
+    if not rt.fsdp:
+        counts = all_reduce_sum(counts, rt)
+    raw.train(was_training)
+    return (counts[0] / counts[1]).item()
+
+
+@torch.no_grad()
+def evaluate_loss(model, compute_loss, n_rows, batch_size, rt, weight=None):
+    """Held-out loss and metrics: compute_loss(indices) -> (loss, {name: value}) over held-out rows `indices`,
+    for every row, named eval_<name> (TRL's eval_loss, eval_rewards/accuracies, ...). Batch means are weighted
+    by their rows, or by weight(indices) (SFT: response tokens), so they do not depend on batch_size. Every
+    rank computes the whole (small) held-out set, so there is no collective that a rank could miss."""
+    raw = unwrap(model)
+    was_training = raw.training
+    raw.eval()
+    totals, names = None, None
+    starts = list(range(0, n_rows, batch_size))
+    if len(starts) > 1 and n_rows - starts[-1] == 1:
+        starts.pop()  # no batch of one row: it joins the one before (KTO's KL estimate needs two rows)
+    weight = weight or len
+    for start, end in zip(starts, starts[1:] + [n_rows]):
+        indices = list(range(start, end))
+        with rt.autocast():
+            loss, metrics = compute_loss(indices)
+        values = torch.stack([loss.float()] + [v.float() for v in metrics.values()]) * weight(indices)
+        totals, names = (values if totals is None else totals + values), ["loss", *metrics]
+    raw.train(was_training)
+    total_weight = weight(list(range(n_rows)))
+    return {f"eval_{k}": v / total_weight for k, v in zip(names, totals.tolist())}

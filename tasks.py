@@ -1,0 +1,179 @@
+"""
+Tasks with a verifier: the embedded n-digit addition task (the default, offline, seconds on a CPU) and datasets of
+solutions whose final number can be checked (GSM8K). Each gives held-out prompts, an exact checker, and
+on-policy preference pairs built from a model's own mistakes.
+"""
+
+import random
+import re
+from decimal import Decimal, InvalidOperation
+
+from errors import UserError
+
+# -----------------------------------------------------------------------------------------------------------
+# The embedded task: n-digit addition with an exact verifier
+
+class AdditionTask:
+    """'a+b=' -> 'c' for n-digit a and b. Every problem (a, b) is enumerated once, shuffled with `seed`, and the
+    first `n_eval` go to the held-out split, so train and held-out are disjoint by problem.
+
+    The SFT demonstrations are imperfect in a systematic way, as human or model-written data often is: with
+    probability `slip_prob` a demonstration gives the 'forgot every carry' answer (each digit is
+    (x_i + y_i) mod 10, carries dropped). That answer is wrong whenever the problem has a carry, so the SFT model
+    learns the slip; DPO pairs then show the correct answer above a wrong one and teach it out again."""
+
+    def __init__(self, n_digits=2, n_eval=1000, seed=1234):
+        lo, hi = 10 ** (n_digits - 1), 10 ** n_digits
+        problems = [(a, b) for a in range(lo, hi) for b in range(lo, hi)]
+        random.Random(seed).shuffle(problems)
+        if n_eval >= len(problems):
+            raise UserError(f"n_eval={n_eval} leaves no training problems ({len(problems)} in all)")
+        self.eval_problems, self.train_problems = problems[:n_eval], problems[n_eval:]
+        self.n_digits = n_digits
+        self.eval_prompts = [self.prompt(a, b) for a, b in self.eval_problems]  # what evaluation asks
+        self.max_new_tokens = n_digits + 3  # the longest answer plus EOS, with room for a wrong longer one
+
+    @staticmethod
+    def prompt(a, b):
+        return f"{a}+{b}="
+
+    @staticmethod
+    def answer(a, b):
+        return str(a + b)
+
+    @staticmethod
+    def no_carry_answer(a, b):
+        """The slip: add digit by digit and forget every carry (47+85 -> '22')."""
+        digits, place = 0, 1
+        while a or b:
+            digits += ((a % 10 + b % 10) % 10) * place
+            a, b, place = a // 10, b // 10, place * 10
+        return str(digits)
+
+    @staticmethod
+    def parse(prompt):
+        a, b = prompt.rstrip("=").split("+")
+        return int(a), int(b)
+
+    def is_correct(self, prompt, completion):
+        return completion.strip() == self.answer(*self.parse(prompt))
+
+    def sft_rows(self, slip_prob, seed):
+        """One demonstration per training problem; returns (rows, n_wrong) with rows [{'prompt', 'response'}]."""
+        rng = random.Random(seed)
+        rows, n_wrong = [], 0
+        for a, b in self.train_problems:
+            response = self.no_carry_answer(a, b) if rng.random() < slip_prob else self.answer(a, b)
+            n_wrong += response != self.answer(a, b)
+            rows.append({"prompt": self.prompt(a, b), "response": response})
+        return rows, n_wrong
+
+    def corrupt(self, answer, rng):
+        """A plausible wrong answer: one digit changed (never to a leading zero)."""
+        i = rng.randrange(len(answer))
+        choices = [d for d in "0123456789" if d != answer[i] and not (i == 0 and d == "0" and len(answer) > 1)]
+        return answer[:i] + rng.choice(choices) + answer[i + 1:]
+
+    def build_pairs(self, generate_fn, n_prompts, n_samples, temperature, seed):
+        """Preference pairs for `n_prompts` training problems: chosen = the verified correct answer; rejected =
+        the model's own greedy answer when it is wrong (an on-policy negative), else the first wrong one of
+        `n_samples` samples at `temperature`, else a one-digit corruption of the correct answer.
+        generate_fn(prompts, temperature) -> completions (strings). Without a model to sample
+        (generate_fn=None, one-stage ORPO from scratch) the rejected answer is the demonstrations' slip where it is
+        wrong, else a corruption. Returns (rows, counts by source)."""
+        rng = random.Random(seed)
+        problems = rng.sample(self.train_problems, min(n_prompts, len(self.train_problems)))
+        prompts = [self.prompt(a, b) for a, b in problems]
+        if generate_fn is not None:
+            outputs = [("greedy", generate_fn(prompts, 0.0))]
+            outputs += [("sampled", generate_fn(prompts, temperature)) for _ in range(n_samples)]
+        else:
+            outputs = [("slip", [self.no_carry_answer(a, b) for a, b in problems])]
+        rows, counts = [], {"greedy": 0, "sampled": 0, "slip": 0, "corruption": 0}
+        for i, (prompt, (a, b)) in enumerate(zip(prompts, problems)):
+            chosen = self.answer(a, b)
+            source, rejected = next(((src, out[i].strip()) for src, out in outputs
+                                     if out[i].strip() and out[i].strip() != chosen), ("corruption", None))
+            if rejected is None:
+                rejected = self.corrupt(chosen, rng)
+            counts[source] += 1
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        return rows, counts
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Datasets of solutions with a checkable final number (GSM8K)
+
+# 1,234 / -3 / 2.50 / .5; a sentence's final '.' is left out, and a '-' only signs a number that follows no
+# word or digit ('3-4' ends in 4, not -4)
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+
+
+def _clean_number(s):
+    """'1,234' -> '1234', '18.00' -> '18', '2.50' -> '2.5', '007' -> '7', '-0' -> '0': one spelling per value,
+    so answers compare as strings."""
+    try:
+        value = Decimal(s.replace(",", ""))
+    except InvalidOperation:
+        return s
+    return "0" if value == 0 else format(value.normalize(), "f")
+
+
+def gsm8k_answer(text):
+    """The final answer of a GSM8K solution ('... #### 1,234' -> '1234'), or None when there is no '#### N'."""
+    if "####" not in text:
+        return None
+    m = _NUMBER.search(text.split("####")[-1])
+    return _clean_number(m.group()) if m else None
+
+
+def extract_final_number(completion):
+    """The number a completion answers with, for grading: the one after '####' when there is one, else the last
+    number in the text; None when it has no number."""
+    answer = gsm8k_answer(completion)
+    if answer is not None:
+        return answer
+    numbers = _NUMBER.findall(completion)
+    return _clean_number(numbers[-1]) if numbers else None
+
+
+class AnswerTask:
+    """A task whose rows carry a reference answer that can be checked by its final number, as GSM8K's do
+    ('... #### 42'): the same interface as AdditionTask (eval_prompts, is_correct, build_pairs), so sft.py and
+    dpo.py evaluate held-out task_accuracy and build on-policy pairs for it the same way.
+    train_rows / eval_rows: SFT rows {'prompt', 'response'} (load_rows(..., kind='sft'))."""
+
+    def __init__(self, train_rows, eval_rows, n_eval=None, max_new_tokens=256):
+        self.train_rows = [r for r in train_rows if gsm8k_answer(r["response"]) is not None]
+        self.answers = {r["prompt"]: gsm8k_answer(r["response"]) for r in eval_rows[:n_eval]
+                        if gsm8k_answer(r["response"]) is not None}
+        self.answers.update({r["prompt"]: gsm8k_answer(r["response"]) for r in self.train_rows})
+        self.eval_prompts = [r["prompt"] for r in eval_rows[:n_eval] if gsm8k_answer(r["response"]) is not None]
+        if not self.eval_prompts:
+            raise UserError("no held-out row has a final answer ('#### N') to check completions against")
+        self.max_new_tokens = max_new_tokens
+
+    def is_correct(self, prompt, completion):
+        return extract_final_number(completion) == self.answers[prompt]
+
+    def build_pairs(self, generate_fn, n_prompts, n_samples, temperature, seed):
+        """On-policy pairs: chosen = the reference solution; rejected = the model's greedy completion when its
+        final number is wrong, else the first wrong one of n_samples samples. A prompt the model always gets
+        right gets no pair (there is no safe way to corrupt a worked solution); it is counted as 'all correct'."""
+        rng = random.Random(seed)
+        rows_in = rng.sample(self.train_rows, min(n_prompts, len(self.train_rows)))
+        prompts = [r["prompt"] for r in rows_in]
+        if generate_fn is None:
+            raise UserError("pairs for a dataset of solutions are sampled from the SFT model: use init_from='sft'")
+        outputs = [("greedy", generate_fn(prompts, 0.0))]
+        outputs += [("sampled", generate_fn(prompts, temperature)) for _ in range(n_samples)]
+        rows, counts = [], {"greedy": 0, "sampled": 0, "all correct": 0}
+        for i, r in enumerate(rows_in):
+            wrong = next(((src, out[i]) for src, out in outputs
+                          if out[i].strip() and not self.is_correct(r["prompt"], out[i])), None)
+            if wrong is None:
+                counts["all correct"] += 1
+                continue
+            counts[wrong[0]] += 1
+            rows.append({"prompt": r["prompt"], "chosen": r["response"], "rejected": wrong[1]})
+        return rows, counts
