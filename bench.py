@@ -37,12 +37,17 @@ ignore mmap thresholds above 32 MiB; glibc 2.36 accepts 4 GiB (a 64 MiB malloc t
 mallinfo2), and a small-size fwd + bwd here drops from ~13,000 to ~3,000 minor page faults (0 once warm). When
 neither variable is set, bench.py re-executes itself once with both set, so numbers do not depend on the
 caller's shell; set either variable yourself (any value) to opt out.
+
+OpenMP threads: as in sft.py and dpo.py, GOMP_SPINCOUNT=1000 unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set
+(bench_threads.py and the README's "CPU threads" say why), so the steps timed here run as training runs them.
 """
 
 import os
 import platform
 import sys
 
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")  # before torch loads OpenMP, as the training scripts do
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 if (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
         and not any(k in os.environ for k in MALLOC_ENV)):

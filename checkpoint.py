@@ -161,10 +161,10 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resume(ckpt, path, model, optimizer, order, scaler, rt, max_iters):
-    """Load a training checkpoint's weights, optimizer, GradScaler, data position and RNGs into a freshly built
-    run; returns the iteration to continue from. Call it last before the loop, so nothing set up after it
-    draws from the restored RNGs."""
+def resume(path, ckpt, model, optimizer, order, scaler, rt, max_iters):
+    """Load a training checkpoint (`path` and its contents) into a freshly built run: weights, optimizer,
+    GradScaler, data position and RNGs. Returns (the iteration to continue from, the non-finite steps skipped so
+    far). Call it last before the loop, so nothing set up after it draws from the restored RNGs."""
     for key in ("optimizer", "iter_num", "data_order", "rng"):
         if key not in ckpt:
             raise UserError(f"{path} cannot be resumed: it has no '{key}' (was it written by an older version?)")
@@ -188,7 +188,7 @@ def resume(ckpt, path, model, optimizer, order, scaler, rt, max_iters):
     set_rng_state(per_rank[rt.rank] if own else ckpt["rng"])
     if rt.master:
         print(f"resuming {path} from iter {ckpt['iter_num']}")
-    return ckpt["iter_num"]
+    return ckpt["iter_num"], ckpt.get("nonfinite_skipped", 0)
 
 
 def save_run(cfg, iter_num, model, optimizer, order, scaler, tokenizer, rt=SINGLE_PROCESS_CPU, **extra):
@@ -313,7 +313,8 @@ def sft_start(config):
         return Start(model_from_checkpoint(run[1], run[0], dropout=dropout), run[1]["tokenizer"], {}, "", run)
     if init_from == "scratch":
         shape = {k: config[k] for k in ("block_size", "n_layer", "n_head", "n_embd", "bias")}
-        return Start(GPT(GPTConfig(vocab_size=Tokenizer(tokenizer).n_vocab, dropout=dropout, **shape)), tokenizer, {}, "")
+        model = GPT(GPTConfig(vocab_size=Tokenizer(tokenizer).n_vocab, dropout=dropout, **shape))
+        return Start(model, tokenizer, {}, "")
     if not init_from.startswith("gpt2"):
         raise UserError(f"unknown init_from '{init_from}': expected 'scratch', 'resume' or a GPT-2 name ('gpt2', ...)")
     if tokenizer != "gpt2":

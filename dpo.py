@@ -13,11 +13,17 @@ The path, top to bottom: settings; 1. the policy and its frozen copy, the refere
 reference log-probs come from; 4. the loss of a micro-batch; 5. the training loop; the summary line.
 """
 
-import copy
-import json
 import os
-import time
-from functools import partial
+
+# Before torch loads OpenMP: a thread that finishes its share of an op early spins briefly, then sleeps. OpenMP's
+# long default spin is slower on an idle CPU and 2.7x slower beside a busy process (README "CPU threads").
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+import copy  # noqa: E402  (the imports below load torch)
+import json  # noqa: E402
+import time  # noqa: E402
+from functools import partial  # noqa: E402
 
 import torch
 
@@ -30,8 +36,7 @@ from errors import install_error_handler
 from evaluation import evaluate_loss, evaluate_task
 from formats import cached_encode, dataset_kind, load_splits
 from logger import Logger, Progress, peak_rss_mb, summary
-from logprobs import (completion_logps, concatenated_logps, concatenated_tokens, prefix_shared_logps,
-                      prefix_shared_tokens)
+from logprobs import concatenated_logps, concatenated_tokens, prefix_shared_logps, prefix_shared_tokens
 from losses import check_loss_options, needs_reference, preference_loss
 from optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
 from tasks import AdditionTask, AnswerTask
@@ -131,27 +136,29 @@ if needs_reference(loss_type, reference_free):
 # 2. the pairs, as text. On the embedded task (or a dataset of checkable solutions such as GSM8K): the verified
 # answer (chosen) over the SFT model's own mistake (rejected), sampled now from the policy, which is still the
 # SFT model. From a preference dataset: its pairs as published (KTO: unpaired rows, or pairs as one of each).
-def generate(prompts, temperature, _g=torch.Generator(device=rt.device).manual_seed(seed)):
-    """The policy's completions (text), greedy or sampled, 500 prompts at a time."""
+sampler = torch.Generator(device=rt.device).manual_seed(seed)
+
+
+def generate(prompts, temperature):
+    """The policy's completions (text), greedy (temperature 0) or sampled, 500 prompts at a time."""
     policy.eval()
     outs, progress = [], Progress(f"building pairs, temperature {temperature}", len(prompts), rt.master)
     for i in range(0, len(prompts), 500):
         with rt.autocast():
             outs += policy.generate([tok.encode(p) for p in prompts[i:i + 500]], task.max_new_tokens, tok.eos_id,
-                                    tok.pad_id, temperature=temperature, generator=_g)
+                                    tok.pad_id, temperature=temperature, generator=sampler)
         progress.update(len(outs))
     policy.train()
     return [tok.decode(o) for o in outs]
 
 
 task, eval_rows = AdditionTask(**start.task), []
-kind = dataset_kind(dataset, dataset_split, dataset_format or None) if dataset else "task"
-if kind in ("pairs", "kto"):
+if dataset and dataset_kind(dataset, dataset_split, dataset_format or None) != "sft":  # a preference dataset
     task = None  # no verifier: evaluation reports held-out preference metrics instead
     rows, eval_rows, report = load_splits(dataset, "kto" if loss_type == "kto" else "pairs", dataset_format,
                                           dataset_split, eval_dataset, eval_split, skip_bad_rows)
-else:
-    if kind == "sft":  # solutions with a checkable final answer: on-policy pairs, as on the embedded task
+else:  # a task with a verifier: on-policy pairs
+    if dataset:  # solutions whose final number can be checked (GSM8K)
         task = AnswerTask(*load_splits(dataset, "sft", dataset_format, dataset_split, eval_dataset, eval_split,
                                        skip_bad_rows)[:2], n_eval)
     rows, sources = task.build_pairs(generate if start.sft_ckpt else None, n_pairs, n_samples, sample_temperature,
@@ -160,7 +167,8 @@ else:
 
 # ... as token ids: pairs (prompt, chosen, rejected), or KTO's examples (prompt, completion, desirable)
 encode = kto.encode if loss_type == "kto" else partial(cached_encode, encode_pair_rows)
-train_data, skipped = encode(rows, tok, block_size, dataset or "embedded task pairs", kind == "pairs")
+# (a dataset's token ids are cached on disk; on-policy pairs are new every run)
+train_data, skipped = encode(rows, tok, block_size, dataset or "embedded task pairs", task is None)
 eval_data, eval_skipped = encode(eval_rows[:n_eval], tok, block_size, eval_dataset or dataset, bool(eval_rows))
 if rt.master:
     os.makedirs(out_dir, exist_ok=True)
@@ -213,15 +221,14 @@ def compute_loss(policy_model, ref_model, rows, table_rows=None):
     """(loss, metrics) of a micro-batch of pairs. Training passes the wrapped models (DDP, compile), evaluation
     the plain ones (no graphs compiled for its shapes)."""
     if loss_type == "kto":  # unpaired examples, with a KL reference point from mismatched rows: kto.py
-        return kto.batch_loss(policy_model, ref_model, rows, kto_logps, block_size, rt, beta, desirable_weight,
-                              undesirable_weight)
+        return kto.batch_loss(policy_model, ref_model, rows, layout, rt, beta, desirable_weight, undesirable_weight)
     pc, pr, nc, nr = pair_logps(policy_model, rows)  # summed log-probs and token counts of chosen, rejected: (B,)
     rc, rr = reference_logps(ref_model, rows, table_rows)
     return preference_loss(loss_type, pc, pr, rc, rr, nc, nr, beta, label_smoothing, simpo_gamma, rpo_alpha)
 
 
 if loss_type == "kto":
-    kto_logps, count_tokens = partial(completion_logps, **layout), kto.tokens
+    count_tokens = kto.tokens
     kto.check(train_data, eval_data, desirable_weight, undesirable_weight, rt.master)
 
 # 5. training: the policy gets gradients and optimizer steps, the reference never does
@@ -231,11 +238,11 @@ optimizer = configure_optimizer(policy, weight_decay, learning_rate, (beta1, bet
 scaler = runtime.grad_scaler(rt)
 order = BatchOrder(len(train_data), seed)
 guard = NonFiniteGuard(max_nonfinite)
-start_iter = 0
-if start.run:  # --init_from=resume: the run's weights, optimizer, data position and RNG streams
-    start_iter = checkpoint.resume(start.run[1], start.run[0], policy, optimizer, order, scaler, rt, max_iters)
-    guard.total = start.run[1].get("nonfinite_skipped", 0)
-# model FLOPs per trained token, for MFU: the policy's forward + backward, plus every forward-only pass
+# --init_from=resume: continue exactly where the run's last checkpoint left it (weights, optimizer, data, RNGs)
+start_iter, guard.total = checkpoint.resume(*start.run, policy, optimizer, order, scaler, rt, max_iters) if start.run \
+    else (0, 0)
+# model FLOPs per trained token, for MFU: 6N for the policy's forward + backward, 2N per forward-only pass (the
+# live reference; KTO's mismatched rows run through the policy, and through the reference)
 mean_len = sum(len(r[0]) + len(r[1]) for r in train_data) / len(train_data)
 forward_only = (reference is not None) + (loss_type == "kto") * (1 + (reference is not None))
 flops_per_token = policy.flops_per_token(mean_len) + forward_only * policy.flops_per_token(mean_len, train=False)
@@ -247,10 +254,11 @@ if rt.master:
 def evaluate():
     """Held-out task_accuracy (a task with a verifier) and/or eval_loss, eval_rewards/... (held-out rows)."""
     results = {"task_accuracy": evaluate_task(policy, task, tok, rt)} if task is not None else {}
-    if eval_data:
-        results.update(evaluate_loss(policy, lambda idx: compute_loss(
-            policy, reference, [eval_data[i] for i in idx], None if eval_table is None else eval_table[idx]),
-            len(eval_data), batch_size, rt))
+    if eval_data:  # the training loss and metrics over the held-out rows, named eval_*
+        def held_out(idx):
+            return compute_loss(policy, reference, [eval_data[i] for i in idx],
+                                None if eval_table is None else eval_table[idx])
+        results.update(evaluate_loss(policy, held_out, len(eval_data), batch_size, rt))
     return results
 
 

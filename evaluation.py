@@ -36,11 +36,11 @@ def evaluate_task(model, task, tok, rt, batch_size=500):
 
 
 @torch.no_grad()
-def evaluate_loss(model, compute_loss, n_rows, batch_size, rt, weight=None):
+def evaluate_loss(model, compute_loss, n_rows, batch_size, rt, row_weights=None):
     """Held-out loss and metrics: compute_loss(indices) -> (loss, {name: value}) over held-out rows `indices`,
     for every row, named eval_<name> (TRL's eval_loss, eval_rewards/accuracies, ...). Batch means are weighted
-    by their rows, or by weight(indices) (SFT: response tokens), so they do not depend on batch_size. Every
-    rank computes the whole (small) held-out set, so there is no collective that a rank could miss."""
+    by their rows, or by the sum of row_weights over their rows (SFT: response tokens), so they do not depend on
+    batch_size. Every rank computes the whole (small) held-out set, so there is no collective it could miss."""
     raw = unwrap(model)
     was_training = raw.training
     raw.eval()
@@ -48,7 +48,7 @@ def evaluate_loss(model, compute_loss, n_rows, batch_size, rt, weight=None):
     starts = list(range(0, n_rows, batch_size))
     if len(starts) > 1 and n_rows - starts[-1] == 1:
         starts.pop()  # no batch of one row: it joins the one before (KTO's KL estimate needs two rows)
-    weight = weight or len
+    weight = (lambda indices: sum(row_weights[i] for i in indices)) if row_weights else len
     for start, end in zip(starts, starts[1:] + [n_rows]):
         indices = list(range(start, end))
         with rt.autocast():

@@ -51,7 +51,8 @@ elif prompts:
     prompt_list = prompts.split("|")
 else:  # held-out problems of the embedded task, settings from the SFT run that made the reference
     sft_config = load_checkpoint(ref_path, missing_hint=REF_HINT)["config"]
-    task = AdditionTask(sft_config.get("n_digits", 2), sft_config.get("n_eval", 1000), sft_config.get("task_seed", 1234))
+    task = AdditionTask(sft_config.get("n_digits", 2), sft_config.get("n_eval", 1000),
+                        sft_config.get("task_seed", 1234))
     prompt_list = task.eval_prompts[:n_prompts]
 
 import torch  # noqa: E402  (after the config, like nanoGPT's sample.py)

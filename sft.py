@@ -12,7 +12,13 @@ $ torchrun --standalone --nproc_per_node=2 sft.py
 """
 
 import os
-import time
+
+# Before torch loads OpenMP: a thread that finishes its share of an op early spins briefly, then sleeps. OpenMP's
+# long default spin is slower on an idle CPU and 2.7x slower beside a busy process (README "CPU threads").
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
+import time  # noqa: E402  (the imports below load torch)
 
 import checkpoint
 import runtime
@@ -34,20 +40,17 @@ out_dir = "out/sft"
 seed = 1
 device = "auto"           # 'auto' = cuda if available, else cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"            # 'auto' = bfloat16 on CUDA when supported, else float32; or 'float32', 'bfloat16'
-compile = None            # torch.compile: None = on with CUDA, off on a CPU (where it costs ~30 s up front
-                          # for a small speed-up); True / False to choose
+compile = None            # torch.compile: None = on with CUDA, off on a CPU (~30 s up front for little); or True/False
 fsdp = False              # torchrun only: shard parameters, gradients and optimizer state with FSDP2
 threads = 0               # CPU threads (torch.set_num_threads); 0 = torch's default, one per core
 eval_interval = 200
 log_interval = 50
-init_from = "scratch"     # 'scratch', 'resume' (continue from out_dir/ckpt.pt exactly), or GPT-2 weights:
-                          # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (needs transformers, tokenizer='gpt2')
+init_from = "scratch"     # 'scratch', 'resume' (out_dir/ckpt.pt), or 'gpt2', 'gpt2-medium', ... (needs transformers)
 checkpoint_interval = 0   # also checkpoint every N iters (0: only at the end)
 always_save_checkpoint = False  # also checkpoint at every evaluation
 keep_last = 1             # > 1: keep the newest K checkpoints as ckpt_<iter>.pt besides ckpt.pt
 # data: the embedded task, or a dataset (README: "Your own data")
-dataset = ""              # '' = the embedded addition task; else a hub name (e.g. 'openai/gsm8k:main') or a
-                          # local .jsonl / .json / .parquet file
+dataset = ""              # '' = the embedded task; else a hub name ('openai/gsm8k:main') or a .jsonl/.json/.parquet
 dataset_format = ""       # '' = detect from the columns; or prompt_completion, messages, gsm8k, trl, hh, ...
 dataset_split = "train"
 eval_dataset = ""         # held-out rows from a file of their own (a local file has one split)...
@@ -92,7 +95,7 @@ start = checkpoint.sft_start(config)  # fresh weights, GPT-2's, or the run in ou
 tokenizer, block_size = config["tokenizer"], config["block_size"]  # a resumed run keeps its checkpoint's
 tok, model = Tokenizer(tokenizer), start.policy.to(rt.device)
 
-# the demonstrations, as token ids: the embedded task's imperfect ones, or a dataset's
+# the demonstrations: the embedded task's imperfect ones, or a dataset's
 eval_rows = []
 if dataset:
     rows, eval_rows, report = load_splits(dataset, "sft", dataset_format, dataset_split, eval_dataset, eval_split,
@@ -100,25 +103,18 @@ if dataset:
     # solutions with a checkable final answer (GSM8K) also give a held-out task_accuracy
     checkable = eval_rows and all(gsm8k_answer(r["response"]) is not None for r in eval_rows[:n_eval])
     task = AnswerTask(rows, eval_rows, n_eval) if checkable else None
-    if rt.master:
-        print(report)
 else:
     task = AdditionTask(n_digits, n_eval, task_seed)
     rows, n_wrong = task.sft_rows(slip_prob, seed)
-    if rt.master:
-        print(f"SFT data: {len(rows)} demonstrations ({n_wrong} = {n_wrong / len(rows):.1%} with a wrong "
-              f"answer), {len(task.eval_prompts)} held-out problems")
-# a dataset's token ids are cached on disk (formats.cached_encode): a second run does not tokenise again
+    report = f"SFT data: {len(rows)} demonstrations ({n_wrong / len(rows):.1%} wrong), {n_eval} held-out problems"
+# ... as token ids; a dataset's are cached on disk (formats.cached_encode): a second run does not tokenise again
 train_data, skipped = cached_encode(encode_sft_rows, rows, tok, block_size, dataset or "embedded task", bool(dataset))
 eval_data, eval_skipped = cached_encode(encode_sft_rows, eval_rows[:n_eval], tok, block_size,
                                         eval_dataset or dataset, bool(dataset))
-if rt.master and skipped.total():
-    print(f"skipped {skipped.total()} training rows: {skipped}")
-if rt.master and eval_skipped.total():
-    print(f"skipped {eval_skipped.total()} held-out rows: {eval_skipped}")
-
 if rt.master:
-    print(f"model: {model.get_num_params() / 1e6:.2f}M parameters")
+    print(f"{report}; encoded: {len(train_data)} training rows (skipped: {skipped})"
+          + (f", {len(eval_data)} held-out rows (skipped: {eval_skipped})" if eval_rows else "")
+          + f"; model: {model.get_num_params() / 1e6:.2f}M parameters")
 
 
 def make_batch(indices, data=train_data):
@@ -132,8 +128,7 @@ def make_batch(indices, data=train_data):
 
 
 def compute_loss(model, batch):
-    """Mean negative log-likelihood per response token (prompt and padding are masked out). Training passes the
-    wrapped model (DDP, compile), evaluation the plain one."""
+    """Mean negative log-likelihood per response token, prompt and padding masked out (notebook 02 draws it)."""
     logits, _ = model(batch["idx"])  # (B, T, V)
     logps, n_tokens = summed_logps(token_logps(logits, batch["targets"]), batch["mask"])  # (B,) each
     return sft_loss(logps, n_tokens)
@@ -142,9 +137,9 @@ def compute_loss(model, batch):
 def evaluate():
     """Held-out task_accuracy (embedded task, GSM8K) and/or eval_loss (NLL per response token of held-out rows)."""
     results = {"task_accuracy": evaluate_task(model, task, tok, rt)} if task is not None else {}
-    if eval_data:
+    if eval_data:  # batches weighted by their response tokens: a mean per token, whatever batch_size
         results.update(evaluate_loss(model, lambda idx: (compute_loss(model, make_batch(idx, eval_data)), {}),
-                                     len(eval_data), batch_size, rt, lambda idx: sum(len(eval_data[i][1]) for i in idx)))
+                                     len(eval_data), batch_size, rt, row_weights=[len(r) for _, r in eval_data]))
     return results
 
 
@@ -153,16 +148,15 @@ def save(it):
                         **results)
 
 
-# training
-train_model = runtime.wrap_policy(model, rt, compile)  # DDP / FSDP2 / compile; `model` stays the plain module
+# training: the model wrapped for it (DDP / FSDP2 / compile; `model` stays the plain module), its optimizer, the loop
+train_model = runtime.wrap_policy(model, rt, compile)
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
 scaler = runtime.grad_scaler(rt)
 order = BatchOrder(len(train_data), seed)
 guard = NonFiniteGuard(max_nonfinite)
-start_iter = 0
-if start.run:  # continue the run in out_dir exactly where its last checkpoint left it
-    start_iter = checkpoint.resume(start.run[1], start.run[0], model, optimizer, order, scaler, rt, max_iters)
-    guard.total = start.run[1].get("nonfinite_skipped", 0)
+# --init_from=resume: continue exactly where the run's last checkpoint left it (weights, optimizer, data, RNGs)
+start_iter, guard.total = checkpoint.resume(*start.run, model, optimizer, order, scaler, rt, max_iters) if start.run \
+    else (0, 0)
 mean_len = sum(len(p) + len(r) - 1 for p, r in train_data) / len(train_data)
 logger = Logger(out_dir, rt, start_iter, max_iters, log_interval, model.flops_per_token(mean_len), compile)
 results = {}

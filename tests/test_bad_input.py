@@ -224,7 +224,7 @@ def test_checkpoint_without_training_state_cannot_resume(tiny_ckpt):
     ckpt = checkpoint.load_checkpoint(tiny_ckpt)
     del ckpt["optimizer"]  # e.g. a checkpoint converted from GPT-2 weights
     model = GPT(GPTConfig(**TINY))
-    one_line_error(checkpoint.resume, ckpt, tiny_ckpt, model, None, None, None, runtime.SINGLE_PROCESS_CPU, 10,
+    one_line_error(checkpoint.resume, tiny_ckpt, ckpt, model, None, None, None, runtime.SINGLE_PROCESS_CPU, 10,
                    match="has no 'optimizer'")
 
 
