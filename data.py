@@ -174,7 +174,8 @@ def padded_length(T, limit, multiple=1):
 
 def collate_pairs(pairs, pad_id, length=None):
     """Preference pairs -> one batch of 2B rows, chosen first then rejected, padded to one length, so that each
-    model needs a single forward per step (the 'concatenated forward')."""
+    model needs a single forward per step (the 'concatenated forward'). Returns idx, targets, mask, each (2B, T),
+    as collate does."""
     seqs = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
     return collate(seqs, pad_id, length)
 

@@ -35,7 +35,7 @@ from data import BatchOrder, Tokenizer, encode_pair_rows
 from errors import install_error_handler
 from evaluation import evaluate_loss, evaluate_task
 from formats import cached_encode, dataset_kind, load_splits
-from logger import Logger, Progress, peak_rss_mb, summary
+from logger import Logger, Progress, model_flops_per_token, peak_rss_mb, summary
 from logprobs import concatenated_logps, concatenated_tokens, prefix_shared_logps, prefix_shared_tokens
 from losses import check_loss_options, needs_reference, preference_loss
 from optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
@@ -61,7 +61,7 @@ keep_last = 1
 # the objective
 loss_type = "dpo"         # dpo | ipo | hinge | simpo | orpo | kto | sft (see losses.py and the README)
 beta = 1.0                # dpo/ipo/hinge/kto: KL strength (larger = closer to the reference); simpo: reward
-                          # scale; orpo: lambda, the weight of the odds-ratio term (as in TRL)
+                          # scale; orpo: lambda (as in TRL). TRL's default is 0.1; README "Results" says why 1.0
 label_smoothing = 0.0     # dpo: > 0 gives conservative DPO (assumed probability that a label is flipped)
 simpo_gamma = 0.5         # simpo: target reward margin
 desirable_weight = 1.0    # kto: weights of desirable / undesirable examples
@@ -116,20 +116,21 @@ if not out_dir:  # each loss a folder of its own: `--loss_type=ipo` never overwr
 
 t_start = time.time()
 rt = runtime.setup(device, dtype, seed, fsdp, threads)
-micro_rows = runtime.micro_batches(batch_size, gradient_accumulation_steps, rt.world_size)[1]  # uneven: stops here
+_, micro_rows = runtime.micro_batches(batch_size, gradient_accumulation_steps, rt.world_size)  # uneven: stops here
 if loss_type == "kto":
     kto.check_micro_batch(micro_rows)
 compile = config["compile"] = rt.device_type == "cuda" if compile is None else compile  # recorded with the run
 use_flex = runtime.use_flex_attention(attention, prefix_sharing, rt)
 
 # 1. the policy: the SFT model (or the run being resumed, or fresh weights), and the reference: a frozen copy
-start = checkpoint.dpo_start(config, needs_reference(loss_type, reference_free))
+use_reference = needs_reference(loss_type, reference_free)  # simpo, orpo and sft never use one
+start = checkpoint.dpo_start(config, use_reference)  # loads sft_ckpt strictly, with dropout 0: log-probs are exact
 policy, tok = start.policy.to(rt.device), Tokenizer(start.tokenizer)
-block_size = policy.config.block_size
+block_size = policy.config.block_size  # the checkpoint's
 reference = None
-if needs_reference(loss_type, reference_free):
+if use_reference:
     reference = copy.deepcopy(policy)  # its own weights, which never change:
-    reference.eval()                   # no dropout,
+    reference.eval()                   # eval mode,
     reference.requires_grad_(False)    # no gradients, and no optimizer is ever given them
 
 
@@ -140,7 +141,8 @@ sampler = torch.Generator(device=rt.device).manual_seed(seed)
 
 
 def generate(prompts, temperature):
-    """The policy's completions (text), greedy (temperature 0) or sampled, 500 prompts at a time."""
+    """The policy's completions (text), greedy (temperature 0) or sampled, 500 prompts at a time; `task` is the
+    task whose pairs are being built (below)."""
     policy.eval()
     outs, progress = [], Progress(f"building pairs, temperature {temperature}", len(prompts), rt.master)
     for i in range(0, len(prompts), 500):
@@ -152,15 +154,15 @@ def generate(prompts, temperature):
     return [tok.decode(o) for o in outs]
 
 
-task, eval_rows = AdditionTask(**start.task), []
+eval_rows = []
 if dataset and dataset_kind(dataset, dataset_split, dataset_format or None) != "sft":  # a preference dataset
     task = None  # no verifier: evaluation reports held-out preference metrics instead
     rows, eval_rows, report = load_splits(dataset, "kto" if loss_type == "kto" else "pairs", dataset_format,
                                           dataset_split, eval_dataset, eval_split, skip_bad_rows)
-else:  # a task with a verifier: on-policy pairs
-    if dataset:  # solutions whose final number can be checked (GSM8K)
-        task = AnswerTask(*load_splits(dataset, "sft", dataset_format, dataset_split, eval_dataset, eval_split,
-                                       skip_bad_rows)[:2], n_eval)
+else:  # a task with a verifier: solutions whose final number can be checked (GSM8K), or the embedded task
+    task = AnswerTask(*load_splits(dataset, "sft", dataset_format, dataset_split, eval_dataset, eval_split,
+                                   skip_bad_rows)[:2], n_eval) if dataset else AdditionTask(**start.task)
+    # (from scratch there is no model to sample mistakes from: the task makes the rejected answers itself)
     rows, sources = task.build_pairs(generate if start.sft_ckpt else None, n_pairs, n_samples, sample_temperature,
                                      seed)
     report = "pairs: rejected answers from " + ", ".join(f"{n} {k}" for k, n in sources.items() if n)
@@ -168,8 +170,9 @@ else:  # a task with a verifier: on-policy pairs
 # ... as token ids: pairs (prompt, chosen, rejected), or KTO's examples (prompt, completion, desirable)
 encode = kto.encode if loss_type == "kto" else partial(cached_encode, encode_pair_rows)
 # (a dataset's token ids are cached on disk; on-policy pairs are new every run)
-train_data, skipped = encode(rows, tok, block_size, dataset or "embedded task pairs", task is None)
-eval_data, eval_skipped = encode(eval_rows[:n_eval], tok, block_size, eval_dataset or dataset, bool(eval_rows))
+train_data, skipped = encode(rows, tok, block_size, dataset or "embedded task pairs", use_cache=task is None)
+eval_data, eval_skipped = encode(eval_rows[:n_eval], tok, block_size, eval_dataset or dataset,
+                                 use_cache=bool(eval_rows))
 if rt.master:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "pairs.jsonl"), "w") as f:  # to read what the model is taught
@@ -177,13 +180,15 @@ if rt.master:
     print(f"{report}; {len(train_data)} training rows, skipped: {skipped}"
           + (f"; {len(eval_data)} held-out rows, skipped: {eval_skipped}" if eval_rows else ""))
 
-# 3. where the reference log-probs come from: the frozen model run live under no_grad (the default); a table
-# computed once before training, after which the model is freed (--precompute_ref); or nowhere, a uniform
-# reference whose log-probs are 0 (--reference_free, and the losses that never use a reference)
-layout = dict(pad_id=tok.pad_id, block_size=block_size, device=rt.device, multiple=16 if compile else 1)
+# 3. how a model's log-probs of a batch of pairs are computed (both models: chosen and rejected rows in one batch
+# of 2B, or one packed row per pair), and where the reference's come from: the frozen model run live under no_grad
+# (the default); a table computed once before training, after which the model is freed (--precompute_ref); or
+# nowhere, a uniform reference whose log-probs are 0 (--reference_free, and the losses that never use a reference)
+layout = dict(pad_id=tok.pad_id, block_size=block_size, device=rt.device,  # how rows become padded batches:
+              multiple=16 if compile else 1)  # with compile, lengths padded to a multiple of 16 (fewer graphs)
 if prefix_sharing:  # one packed row [prompt | chosen | rejected] per pair: the prompt runs once
     pair_logps, count_tokens = partial(prefix_shared_logps, **layout, flex=use_flex), prefix_shared_tokens
-else:  # the concatenated forward: chosen and rejected rows in one batch of 2B
+else:  # the concatenated forward (logprobs.concatenated_logps): chosen and rejected rows in one batch of 2B
     pair_logps, count_tokens = partial(concatenated_logps, **layout), concatenated_tokens
 
 
@@ -206,24 +211,26 @@ if precompute_ref:  # (check_loss_options made sure the loss has a reference)
         print(f"precomputed reference log-probs for {len(train_data)} + {len(eval_data)} pairs; reference freed")
 
 
-def reference_logps(ref_model, rows, table_rows=None):
+def reference_logps(reference_model, pairs, table_rows=None):
     """The reference's summed log-probs of the pairs' chosen and rejected responses, (B,) each."""
-    if table_rows is not None:  # precomputed
+    if table_rows is not None:  # precomputed: this batch's rows of the table
         return table_rows[:, 0].to(rt.device), table_rows[:, 1].to(rt.device)
-    if ref_model is None:  # a uniform reference
-        return torch.zeros(len(rows), device=rt.device), torch.zeros(len(rows), device=rt.device)
+    if reference_model is None:  # a uniform reference
+        return torch.zeros(len(pairs), device=rt.device), torch.zeros(len(pairs), device=rt.device)
     with torch.no_grad():  # the frozen model, live
-        return pair_logps(ref_model, rows)[:2]
+        return pair_logps(reference_model, pairs)[:2]
 
 
 # 4. the loss of a micro-batch: the policy's log-probs (with gradients), the reference's, then --loss_type
-def compute_loss(policy_model, ref_model, rows, table_rows=None):
-    """(loss, metrics) of a micro-batch of pairs. Training passes the wrapped models (DDP, compile), evaluation
-    the plain ones (no graphs compiled for its shapes)."""
+def compute_loss(policy_model, reference_model, pairs, table_rows=None):
+    """(loss, metrics) of a micro-batch of pairs (KTO: examples). Training passes the wrapped models (DDP,
+    compile), evaluation the plain ones (no graphs compiled for its shapes)."""
     if loss_type == "kto":  # unpaired examples, with a KL reference point from mismatched rows: kto.py
-        return kto.batch_loss(policy_model, ref_model, rows, layout, rt, beta, desirable_weight, undesirable_weight)
-    pc, pr, nc, nr = pair_logps(policy_model, rows)  # summed log-probs and token counts of chosen, rejected: (B,)
-    rc, rr = reference_logps(ref_model, rows, table_rows)
+        return kto.batch_loss(policy_model, reference_model, pairs, layout, rt, beta, desirable_weight,
+                              undesirable_weight)
+    pc, pr, nc, nr = pair_logps(policy_model, pairs)  # summed log-probs and token counts of chosen, rejected: (B,)
+    rc, rr = reference_logps(reference_model, pairs, table_rows)
+    # --loss_type picks the loss: dpo -> losses.dpo_loss(pc, pr, rc, rr, beta, label_smoothing), ...
     return preference_loss(loss_type, pc, pr, rc, rr, nc, nr, beta, label_smoothing, simpo_gamma, rpo_alpha)
 
 
@@ -232,21 +239,20 @@ if loss_type == "kto":
     kto.check(train_data, eval_data, desirable_weight, undesirable_weight, rt.master)
 
 # 5. training: the policy gets gradients and optimizer steps, the reference never does
-train_model = runtime.wrap_policy(policy, rt, compile)  # DDP / FSDP2 / compile; `policy` stays the plain module
-ref_model = runtime.wrap_reference(reference, rt, compile)
+wrapped_policy = runtime.wrap_policy(policy, rt, compile)  # DDP / FSDP2 / compile; `policy` stays the plain module
+wrapped_reference = runtime.wrap_reference(reference, rt, compile)  # FSDP2 / compile, never DDP (no gradients)
 optimizer = configure_optimizer(policy, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
-scaler = runtime.grad_scaler(rt)
+scaler = runtime.grad_scaler(rt)  # fp16 only: scales the loss so small gradients survive; else a no-op
 order = BatchOrder(len(train_data), seed)
 guard = NonFiniteGuard(max_nonfinite)
-# --init_from=resume: continue exactly where the run's last checkpoint left it (weights, optimizer, data, RNGs)
-start_iter, guard.total = checkpoint.resume(*start.run, policy, optimizer, order, scaler, rt, max_iters) if start.run \
-    else (0, 0)
-# model FLOPs per trained token, for MFU: 6N for the policy's forward + backward, 2N per forward-only pass (the
-# live reference; KTO's mismatched rows run through the policy, and through the reference)
-mean_len = sum(len(r[0]) + len(r[1]) for r in train_data) / len(train_data)
+start_iter = 0
+if start.run:  # --init_from=resume: continue exactly where the run's checkpoint left off (weights, optimizer, data)
+    start_iter, guard.total = checkpoint.resume(*start.run, policy, optimizer, order, scaler, rt, max_iters)
+# for MFU: forward-only passes per trained token, besides the policy's forward + backward (the live reference;
+# KTO's mismatched rows through the policy, and through the reference)
 forward_only = (reference is not None) + (loss_type == "kto") * (1 + (reference is not None))
-flops_per_token = policy.flops_per_token(mean_len) + forward_only * policy.flops_per_token(mean_len, train=False)
-logger = Logger(out_dir, rt, start_iter, max_iters, log_interval, flops_per_token, compile)
+logger = Logger(out_dir, rt, start_iter, max_iters, log_interval, model_flops_per_token(policy, train_data,
+                                                                                        forward_only), compile)
 if rt.master:
     print(f"loss_type {loss_type}: {1 + (reference is not None)} model(s) in memory, {len(train_data)} training rows")
 
@@ -255,14 +261,14 @@ def evaluate():
     """Held-out task_accuracy (a task with a verifier) and/or eval_loss, eval_rewards/... (held-out rows)."""
     results = {"task_accuracy": evaluate_task(policy, task, tok, rt)} if task is not None else {}
     if eval_data:  # the training loss and metrics over the held-out rows, named eval_*
-        def held_out(idx):
+        def held_out_loss(idx):
             return compute_loss(policy, reference, [eval_data[i] for i in idx],
                                 None if eval_table is None else eval_table[idx])
-        results.update(evaluate_loss(policy, held_out, len(eval_data), batch_size, rt))
+        results.update(evaluate_loss(policy, held_out_loss, len(eval_data), batch_size, rt))
     return results
 
 
-def save(it):
+def save(it, results):
     checkpoint.save_run(config, it, policy, optimizer, order, scaler, tok.name, rt, sft_ckpt=start.sft_ckpt,
                         nonfinite_skipped=guard.total, **results)
 
@@ -276,31 +282,32 @@ for it in range(start_iter, max_iters + 1):
         break
     if it > start_iter and (checkpoint_interval and it % checkpoint_interval == 0
                             or always_save_checkpoint and it % eval_interval == 0):
-        save(it)
+        save(it, results)
     t0 = time.time()
     lr = get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters, decay_lr)
     set_lr(optimizer, lr)
-    step = order.take(batch_size * gradient_accumulation_steps)  # the step's row indices, the same on every rank
-    micro_batches = runtime.my_micro_batches(step, batch_size, gradient_accumulation_steps, rt)  # this rank's
+    step_rows = order.take(batch_size * gradient_accumulation_steps)  # row indices, the same on every rank
+    micro_batches = runtime.my_micro_batches(step_rows, batch_size, gradient_accumulation_steps, rt)  # this rank's
     step_loss = 0.0
     for k, indices in enumerate(micro_batches):
         batch = [train_data[i] for i in indices]
-        share = len(indices) / len(step)  # the step's loss is the mean over all of its rows
-        runtime.sync_gradients(train_model, rt, k == len(micro_batches) - 1)  # only after the last micro-batch
+        share = len(indices) / len(step_rows)  # of the step's rows, on all ranks: the loss is a mean over them
+        runtime.sync_gradients(wrapped_policy, rt, k == len(micro_batches) - 1)  # only after the last micro-batch
         with rt.autocast():
-            loss, metrics = compute_loss(train_model, ref_model, batch,
+            loss, metrics = compute_loss(wrapped_policy, wrapped_reference, batch,
                                          None if train_table is None else train_table[indices])
-        scaler.scale(loss * share * rt.world_size).backward()  # (DDP averages the ranks' gradients: undo it)
+        # the backward pass; DDP and FSDP average gradients over the ranks, where the shares already sum to 1
+        scaler.scale(loss * share * rt.world_size).backward()
         step_loss += loss.detach() * share
         logger.add(loss, metrics, share, count_tokens(batch))
     scaler.unscale_(optimizer)
-    grad_norm = clip_grad_norm(train_model, grad_clip)
+    grad_norm = clip_grad_norm(wrapped_policy, grad_clip)
     if guard.all_finite(step_loss, grad_norm, scaler, rt, it):  # the same decision on every rank
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     logger.step(it, lr, grad_norm, time.time() - t0, guard.total)
-save(max_iters)
+save(max_iters, results)
 logger.finish(guard.total)
 if rt.master:
     print(f"{loss_type.upper()} done: {summary(results, start.sft_accuracy)} in {time.time() - t_start:.0f} s, "

@@ -36,8 +36,8 @@ def evaluate_task(model, task, tok, rt, batch_size=500):
 
 
 @torch.no_grad()
-def evaluate_loss(model, compute_loss, n_rows, batch_size, rt, row_weights=None):
-    """Held-out loss and metrics: compute_loss(indices) -> (loss, {name: value}) over held-out rows `indices`,
+def evaluate_loss(model, loss_of_rows, n_rows, batch_size, rt, row_weights=None):
+    """Held-out loss and metrics: loss_of_rows(indices) -> (loss, {name: value}) over held-out rows `indices`,
     for every row, named eval_<name> (TRL's eval_loss, eval_rewards/accuracies, ...). Batch means are weighted
     by their rows, or by the sum of row_weights over their rows (SFT: response tokens), so they do not depend on
     batch_size. Every rank computes the whole (small) held-out set, so there is no collective it could miss."""
@@ -52,7 +52,7 @@ def evaluate_loss(model, compute_loss, n_rows, batch_size, rt, row_weights=None)
     for start, end in zip(starts, starts[1:] + [n_rows]):
         indices = list(range(start, end))
         with rt.autocast():
-            loss, metrics = compute_loss(indices)
+            loss, metrics = loss_of_rows(indices)
         values = torch.stack([loss.float()] + [v.float() for v in metrics.values()]) * weight(indices)
         totals, names = (values if totals is None else totals + values), ["loss", *metrics]
     raw.train(was_training)

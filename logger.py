@@ -166,7 +166,15 @@ class Logger:
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Peak FLOP/s, for MFU
+# FLOPs and peak FLOP/s, for MFU
+
+def model_flops_per_token(model, rows, forward_only=0):
+    """Model FLOPs per trained token, as nanoGPT counts them: 6N plus the attention term for the forward and
+    backward of a row of the data's mean length (prompt + response), plus a third of that for each forward-only
+    pass per trained token (a live reference, ...)."""
+    mean_len = sum(len(row[0]) + len(row[1]) for row in rows) / len(rows)
+    return model.flops_per_token(mean_len) + forward_only * model.flops_per_token(mean_len, train=False)
+
 
 GPU_PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12),
                  ("RTX 4090", 165e12)]  # dense bf16 tensor-core peaks per GPU (vendor data sheets)

@@ -26,13 +26,13 @@ def token_logps(logits, targets):
     return torch.gather(logps, 2, targets.unsqueeze(-1)).squeeze(-1)
 
 
-def summed_logps(token_logps, mask):
+def summed_logps(per_token, mask):
     """Sum per-token log-probs over the response (mask = 1 on response tokens and EOS, 0 on prompt and padding).
-    token_logps, mask: (B, T). Returns (logps, n_tokens), both (B,): the summed log-prob and how many tokens it
+    per_token, mask: (B, T). Returns (logps, n_tokens), both (B,): the summed log-prob and how many tokens it
     sums (float). An empty mask gives logps 0 and n_tokens 0."""
     keep = mask.bool()
     # where, not multiply: a -inf log-prob at a masked (padding) position must not turn the sum into NaN
-    return torch.where(keep, token_logps, torch.zeros_like(token_logps)).sum(-1), keep.to(token_logps.dtype).sum(-1)
+    return torch.where(keep, per_token, torch.zeros_like(per_token)).sum(-1), keep.to(per_token.dtype).sum(-1)
 
 
 def average_logps(logps, n_tokens):

@@ -8,8 +8,9 @@ Conventions (one name for one thing, everywhere in this repo):
   *_logps                   summed log-prob of a response (its tokens + EOS), shape (B,)
   *_avg_logps               the same divided by the number of response tokens, shape (B,)
                             (logprobs.average_logps; an empty response gives 0, never 0/0)
-Every loss returns the batch mean; rewards are returned detached, per example, for logging.
-Pairwise losses return (loss, chosen_rewards, rejected_rewards); orpo_loss and kto_loss return more, see them.
+Every loss returns a scalar, the mean over the batch's pairs (sft_loss: over its response tokens); rewards are
+returned detached, per example, for logging. Pairwise losses return (loss, chosen_rewards, rejected_rewards);
+orpo_loss adds two metrics, kto_loss returns (loss, rewards, kl): see them.
 
 Which log-probs each loss wants (preference_loss honours this):
   dpo_loss, hinge_loss       summed log-probs
@@ -40,7 +41,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
              beta=0.1, label_smoothing=0.0):
     """Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290), sigmoid form.
 
-        h      = (pc - rc) - (pr - rr)                 # difference of implicit rewards, / beta
+        h      = (pc - rc) - (pr - rr)                 # = (chosen reward - rejected reward) / beta
         loss   = -logsigmoid(beta * h)                 # label_smoothing = 0
         loss   = -(1 - eps) logsigmoid(beta h) - eps logsigmoid(-beta h)   # conservative DPO, eps > 0
         reward = beta * (policy - ref), per response
@@ -66,11 +67,12 @@ def sft_loss(policy_chosen_logps, policy_chosen_n_tokens):
     return -policy_chosen_logps.sum() / policy_chosen_n_tokens.sum().clamp(min=1)
 
 
-def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1):
+def ipo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, ref_chosen_avg_logps, ref_rejected_avg_logps,
+             beta=0.1):
     """Identity Preference Optimisation ("A General Theoretical Paradigm to Understand Learning from Human
     Preferences", Azar et al. 2023, arXiv:2310.12036, eq. 17; beta is the paper's tau).
 
-        h      = (pc - rc) - (pr - rr)
+        h      = (pc - rc) - (pr - rr)                 # per-token average log-probs
         loss   = mean over the batch of (h - 1 / (2 beta))**2
         reward = beta * (policy - ref), per response
 
@@ -81,10 +83,10 @@ def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     depend on response length. TRL therefore averages over tokens for IPO, which puts the margin on a
     per-token scale; we do the same. Smaller beta = larger target margin = further from the reference.
     Returns (loss: scalar, chosen_rewards: (B,), rejected_rewards: (B,))."""
-    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    h = (policy_chosen_avg_logps - ref_chosen_avg_logps) - (policy_rejected_avg_logps - ref_rejected_avg_logps)
     losses = (h - 1 / (2 * beta)) ** 2
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    chosen_rewards = beta * (policy_chosen_avg_logps - ref_chosen_avg_logps).detach()
+    rejected_rewards = beta * (policy_rejected_avg_logps - ref_rejected_avg_logps).detach()
     return losses.mean(), chosen_rewards, rejected_rewards
 
 
@@ -141,16 +143,16 @@ def orpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, chosen_nll, la
 
     chosen_nll is a scalar: the batch's per-token NLL of the chosen responses (sft_loss). The odds term is
     computed in at least float32 (bf16/fp16 inputs are upcast; float64 stays float64) with a stable log1mexp.
-    pc and pr are clamped to <= -ORPO_EPS (1e-6) first: an average log-prob of 0 (probability 1, or an empty
+    The averages are clamped to <= -ORPO_EPS (1e-6) first: an average log-prob of 0 (probability 1, or an empty
     response, whose average is defined as 0) would make log(1 - p) = -inf; the clamp caps |log(1 - p)| at
     about 13.8 and only ever touches log-probs within 1e-6 of 0 (where its gradient is zero).
     Returns (loss: scalar, chosen_rewards: (B,), rejected_rewards: (B,),
              log_odds_ratio: scalar mean of logsigmoid(log_odds), log_odds_chosen: scalar mean of log_odds),
     the last two detached and named after TRL's metrics `log_odds_ratio` and `log_odds_chosen`."""
     dtype = torch.promote_types(policy_chosen_avg_logps.dtype, torch.float32)
-    pc = policy_chosen_avg_logps.to(dtype).clamp(max=-ORPO_EPS)
-    pr = policy_rejected_avg_logps.to(dtype).clamp(max=-ORPO_EPS)
-    log_odds = (pc - pr) - (log1mexp(pc) - log1mexp(pr))
+    pc_avg = policy_chosen_avg_logps.to(dtype).clamp(max=-ORPO_EPS)
+    pr_avg = policy_rejected_avg_logps.to(dtype).clamp(max=-ORPO_EPS)
+    log_odds = (pc_avg - pr_avg) - (log1mexp(pc_avg) - log1mexp(pr_avg))
     ratio = F.logsigmoid(log_odds)  # (B,)
     loss = chosen_nll - lam * ratio.mean()
     chosen_rewards = lam * policy_chosen_avg_logps.detach()

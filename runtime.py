@@ -24,7 +24,7 @@ class Runtime:
     device: str
     device_type: str       # 'cuda' or 'cpu', for autocast
     dtype: str             # 'float32', 'bfloat16' or 'float16'
-    ddp: bool
+    ddp: bool              # launched by torchrun: several processes (with DDP, or with FSDP2 when fsdp is set)
     rank: int
     local_rank: int
     world_size: int

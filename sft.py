@@ -27,7 +27,7 @@ from data import BatchOrder, Tokenizer, collate, encode_sft_rows, padded_length
 from errors import install_error_handler
 from evaluation import evaluate_loss, evaluate_task
 from formats import cached_encode, load_splits
-from logger import Logger, peak_rss_mb, summary
+from logger import Logger, model_flops_per_token, peak_rss_mb, summary
 from logprobs import summed_logps, token_logps
 from losses import sft_loss
 from optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
@@ -119,12 +119,12 @@ if rt.master:
 
 def make_batch(indices, data=train_data):
     """Rows `indices` of `data` -> a right-padded batch on the device: idx, targets, mask (B, T); n_targets, the
-    response tokens + EOS the loss averages over; n_tokens, the tokens the model reads (for tok/s)."""
+    response tokens + EOS the loss averages over; n_read, the tokens the model reads (for tok/s)."""
     rows = [data[i] for i in indices]
     T = max(len(p) + len(r) for p, r in rows) - 1
     idx, targets, mask = collate(rows, tok.pad_id, padded_length(T, block_size, 16 if compile else 1))
     return {"idx": idx.to(rt.device), "targets": targets.to(rt.device), "mask": mask.to(rt.device),
-            "n_targets": sum(len(r) for _, r in rows), "n_tokens": sum(len(p) + len(r) - 1 for p, r in rows)}
+            "n_targets": sum(len(r) for _, r in rows), "n_read": sum(len(p) + len(r) - 1 for p, r in rows)}
 
 
 def compute_loss(model, batch):
@@ -143,22 +143,21 @@ def evaluate():
     return results
 
 
-def save(it):
+def save(it, results):
     checkpoint.save_run(config, it, model, optimizer, order, scaler, tok.name, rt, nonfinite_skipped=guard.total,
                         **results)
 
 
-# training: the model wrapped for it (DDP / FSDP2 / compile; `model` stays the plain module), its optimizer, the loop
-train_model = runtime.wrap_policy(model, rt, compile)
+# training: the model wrapped for it (DDP / FSDP2 / compile; `model` stays the plain one), its optimizer, the loop
+wrapped_model = runtime.wrap_policy(model, rt, compile)
 optimizer = configure_optimizer(model, weight_decay, learning_rate, (beta1, beta2), rt.device_type)
-scaler = runtime.grad_scaler(rt)
+scaler = runtime.grad_scaler(rt)  # fp16 only: scales the loss so small gradients survive; else a no-op
 order = BatchOrder(len(train_data), seed)
 guard = NonFiniteGuard(max_nonfinite)
-# --init_from=resume: continue exactly where the run's last checkpoint left it (weights, optimizer, data, RNGs)
-start_iter, guard.total = checkpoint.resume(*start.run, model, optimizer, order, scaler, rt, max_iters) if start.run \
-    else (0, 0)
-mean_len = sum(len(p) + len(r) - 1 for p, r in train_data) / len(train_data)
-logger = Logger(out_dir, rt, start_iter, max_iters, log_interval, model.flops_per_token(mean_len), compile)
+start_iter = 0
+if start.run:  # --init_from=resume: continue exactly where the run's checkpoint left off (weights, optimizer, data)
+    start_iter, guard.total = checkpoint.resume(*start.run, model, optimizer, order, scaler, rt, max_iters)
+logger = Logger(out_dir, rt, start_iter, max_iters, log_interval, model_flops_per_token(model, train_data), compile)
 results = {}
 for it in range(start_iter, max_iters + 1):
     if it % eval_interval == 0 or it == max_iters:
@@ -168,31 +167,31 @@ for it in range(start_iter, max_iters + 1):
         break
     if it > start_iter and (checkpoint_interval and it % checkpoint_interval == 0
                             or always_save_checkpoint and it % eval_interval == 0):
-        save(it)
+        save(it, results)
     t0 = time.time()
     lr = get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters or max_iters, decay_lr)
     set_lr(optimizer, lr)
-    step = order.take(batch_size * gradient_accumulation_steps)  # the step's row indices, the same on every rank
-    step_tokens = sum(len(train_data[i][1]) for i in step)  # response tokens + EOS: the loss is a mean over them
-    micro_batches = runtime.my_micro_batches(step, batch_size, gradient_accumulation_steps, rt)  # this rank's
+    step_rows = order.take(batch_size * gradient_accumulation_steps)  # row indices, the same on every rank
+    step_tokens = sum(len(train_data[i][1]) for i in step_rows)  # response tokens + EOS: the loss is their mean
+    micro_batches = runtime.my_micro_batches(step_rows, batch_size, gradient_accumulation_steps, rt)  # this rank's
     step_loss = 0.0
     for k, indices in enumerate(micro_batches):
         batch = make_batch(indices)
-        share = batch["n_targets"] / step_tokens  # this micro-batch's share of the step's tokens
-        runtime.sync_gradients(train_model, rt, k == len(micro_batches) - 1)  # only after the last micro-batch
+        share = batch["n_targets"] / step_tokens  # of the step's tokens, on all ranks
+        runtime.sync_gradients(wrapped_model, rt, k == len(micro_batches) - 1)  # only after the last micro-batch
         with rt.autocast():
-            loss = compute_loss(train_model, batch)
-        scaler.scale(loss * share * rt.world_size).backward()  # (DDP averages the ranks' gradients: undo it)
+            loss = compute_loss(wrapped_model, batch)
+        scaler.scale(loss * share * rt.world_size).backward()  # DDP averages over ranks; the shares sum to 1
         step_loss += loss.detach() * share
-        logger.add(loss, {}, share, batch["n_tokens"])
+        logger.add(loss, {}, share, batch["n_read"])
     scaler.unscale_(optimizer)
-    grad_norm = clip_grad_norm(train_model, grad_clip)
+    grad_norm = clip_grad_norm(wrapped_model, grad_clip)
     if guard.all_finite(step_loss, grad_norm, scaler, rt, it):  # the same decision on every rank
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     logger.step(it, lr, grad_norm, time.time() - t0, guard.total)
-save(max_iters)
+save(max_iters, results)
 logger.finish(guard.total)
 if rt.master:
     print(f"SFT done: {summary(results)} in {time.time() - t_start:.0f} s, peak RSS {peak_rss_mb():.0f} MB "

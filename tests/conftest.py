@@ -71,3 +71,4 @@ def script_env():
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
