@@ -145,6 +145,9 @@ RULES = {  # key: (holds for a sensible value, what the line says is expected)
     "threads": (lambda v: v >= 0, ">= 0 (0 = the default)"),
     "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "'auto', 'float32', 'bfloat16' or 'float16'"),
     "compile": (lambda v: v in (True, False), "True, False or None (on with CUDA)"),
+    "lora_rank": (lambda v: v >= 0, ">= 0 (0 = no LoRA: every weight trains)"),
+    "lora_alpha": (lambda v: v > 0, "> 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 
 
