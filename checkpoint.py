@@ -45,9 +45,9 @@ def save_checkpoint(path, model, config, tokenizer, model_state=None, **extra):
     for name, p in model_state.items():
         if not torch.isfinite(p).all():
             raise UserError(f"refusing to save {path}: parameter '{name}' is not finite")
-    lora = {"lora": lora_settings(raw)} if lora_settings(raw) else {}
+    lora = lora_settings(raw)
     ckpt = {"format_version": CHECKPOINT_FORMAT, "model": model_state, "model_args": asdict(raw.config),
-            "config": config, "tokenizer": tokenizer, **lora, **extra}
+            "config": config, "tokenizer": tokenizer, **({"lora": lora} if lora else {}), **extra}
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     for stale in glob.glob(glob.escape(path) + ".tmp.*"):  # left by a run killed mid-write: never a checkpoint

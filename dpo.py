@@ -7,7 +7,7 @@ $ python dpo.py                                   # DPO on the embedded task, fr
 $ python dpo.py --loss_type=ipo                   # another loss; each writes a folder of its own (out/ipo)
 $ python dpo.py config/simpo.py                   # a loss with its own recipe (see config/)
 $ python dpo.py --loss_type=sft                   # baseline: continued SFT on the chosen answers (out/sft_chosen)
-$ python dpo.py --lora_rank=8 --learning_rate=1e-3 --out_dir=out/lora  # LoRA: adapters train, the reference is free
+$ python dpo.py config/lora.py                    # LoRA: only adapters train; the reference is the policy without them
 $ torchrun --standalone --nproc_per_node=2 dpo.py # DDP; the global batch stays the same
 
 The path, top to bottom: settings; 1. the policy and its frozen copy, the reference; 2. the pairs; 3. where the
@@ -37,8 +37,8 @@ from errors import install_error_handler
 from evaluation import complete, evaluate_loss, evaluate_task
 from formats import cached_encode, dataset_kind, load_splits
 from logger import Logger, model_flops_per_token, peak_rss_mb, summary
-from lora import AdaptersOff
 from logprobs import concatenated_logps, concatenated_tokens, prefix_shared_logps, prefix_shared_tokens
+from lora import AdaptersOff
 from losses import check_loss_options, needs_reference, preference_loss
 from optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
 from tasks import AdditionTask, AnswerTask

@@ -23,7 +23,8 @@ from losses import dpo_loss
 from model import GPT, GPTConfig, set_grad_checkpoint
 from optim import configure_optimizer
 from test_ddp import assert_same_losses, records
-from test_dpo_options import DPO, SFT, live_parameters, losses, run_script
+from test_dpo_options import DPO, SFT, dpo, live_parameters, losses, run_script
+from test_dpo_options import sft_ckpt  # noqa: F401  (a fixture: the tiny SFT run the in-process DPO runs start from)
 from test_resume import DPO_ARGS, SFT_TINY, assert_same_final_state, assert_same_metrics, prepare_resume
 from test_resume import run_script as run_subprocess
 from test_resume import sft_full  # noqa: F401  (a fixture: the tiny SFT run that DPO_ARGS start from)
@@ -193,6 +194,22 @@ def test_flops_count_frozen_weights_at_four_per_token(tiny_model, tiny_config):
     assert tiny_model.flops_per_token(T, train=False) == 2 * (n + n_lora) + attention / 3
 
 
+def test_the_memory_benchmark_counts_what_the_model_holds(tiny_model, tiny_config):
+    """bench_memory.py predicts memory from parameter counts: its adapter count is the model's, and its parts
+    add up as the docstring says (20 bytes per parameter for full fine-tuning with a copied reference)."""
+    import bench_memory
+    apply_lora(tiny_model, rank=4, alpha=8.0)
+    counted = sum(p.numel() for p in tiny_model.parameters() if p.requires_grad)
+    assert bench_memory.lora_parameter_count(tiny_config.n_layer, tiny_config.n_embd, 4) == counted
+    shape = dict(n_layer=2, n_embd=32, vocab_size=258)
+    parts, peak = bench_memory.predict("full", shape, 1000, tokens=10, rank=4)
+    assert parts["weights"] + parts["reference"] + parts["gradients"] + parts["adamw"] == 20 * 1000
+    assert parts["activations"] == 4 * 10 * (2 * 16 * 32 + 3 * 258)
+    ckpt, _ = bench_memory.predict("lora_ckpt", shape, 1000, tokens=10, rank=4)
+    assert ckpt["activations"] == 4 * 10 * (2 * 32 + 16 * 32 + 3 * 258) and ckpt["reference"] == 0
+    assert peak == max(20 * 1000, 12 * 1000 + parts["activations"])
+
+
 # ---------------------------------------------------------------- activation checkpointing
 
 def block_calls(model):
@@ -246,19 +263,11 @@ def test_checkpointed_gradients_equal_plain_ones_under_ddp(tmp_path, script_env)
 
 # ---------------------------------------------------------------- the scripts
 
-@pytest.fixture(scope="module")
-def sft_ckpt(tmp_path_factory, repo_root):
-    out = tmp_path_factory.mktemp("sft")
-    run_script(repo_root, "sft.py", SFT + [f"--out_dir={out}"])
-    return str(out / "ckpt.pt")
+def lora_dpo(repo_root, sft_ckpt, out_dir, *extra):  # noqa: F811  (the path, not the fixture)
+    return dpo(repo_root, sft_ckpt, out_dir, "--lora_rank=4", *extra)
 
 
-def lora_dpo(repo_root, sft_ckpt, out_dir, *extra):
-    return run_script(repo_root, "dpo.py", DPO + ["--lora_rank=4", f"--sft_ckpt={sft_ckpt}", f"--out_dir={out_dir}",
-                                                  *extra])
-
-
-def test_lora_dpo_holds_one_model_and_keeps_the_base_weights(repo_root, sft_ckpt, tmp_path, capsys):
+def test_lora_dpo_holds_one_model_and_keeps_the_base_weights(repo_root, sft_ckpt, tmp_path, capsys):  # noqa: F811
     before = live_parameters()
     g = lora_dpo(repo_root, sft_ckpt, tmp_path)
     assert live_parameters() - before == sum(p.numel() for p in g["policy"].parameters())  # one model, no copy
@@ -275,7 +284,8 @@ def test_lora_dpo_holds_one_model_and_keeps_the_base_weights(repo_root, sft_ckpt
     assert saved["lora"]["rank"] == 4 and {k for k in saved["model"] if "lora_" in k}
 
 
-def test_lora_with_precomputed_reference_and_prefix_sharing_logs_the_same_losses(repo_root, sft_ckpt, tmp_path):
+def test_lora_with_precomputed_reference_and_prefix_sharing_logs_the_same_losses(repo_root, tmp_path,
+                                                                                  sft_ckpt):  # noqa: F811
     logged = {}
     for name, extra in {"live": [], "both": ["--precompute_ref=True", "--prefix_sharing=True"],
                         "checkpointed": ["--grad_checkpoint=True"]}.items():
@@ -286,7 +296,7 @@ def test_lora_with_precomputed_reference_and_prefix_sharing_logs_the_same_losses
 
 
 @pytest.mark.parametrize("loss_type", ["ipo", "kto", "orpo"])
-def test_every_kind_of_loss_trains_with_lora(loss_type, repo_root, sft_ckpt, tmp_path):
+def test_every_kind_of_loss_trains_with_lora(loss_type, repo_root, sft_ckpt, tmp_path):  # noqa: F811
     lora_dpo(repo_root, sft_ckpt, tmp_path, f"--loss_type={loss_type}")
     logged = losses(tmp_path)
     assert len(logged) == 6 and logged[-1] < logged[0]
