@@ -1,6 +1,6 @@
 """
 Memory benchmark (`python bench.py --memory=True`, which runs this file): the peak memory and the time per pair
-of one live DPO step, for four kinds of run on the same model and batch:
+of one live DPO step, for four kinds of run on the same model and batch (and a fifth that splits the activations):
 
   full        every weight trains (AdamW state for all), the reference a frozen deep copy      (dpo.py's default)
   full_ckpt   the same with activation checkpointing (--grad_checkpoint)
