@@ -1,7 +1,8 @@
 """
 Held-out evaluation, shared by sft.py and dpo.py: exact-match accuracy of greedy answers on a task with a
 verifier, and the training loss (with its metrics) over held-out rows. Both run the plain model, in eval mode,
-without gradients, and put it back in training mode after.
+without gradients, and put it back in training mode after. Also the completions dpo.py builds its on-policy
+pairs from (sample_completions), generated the same way.
 """
 
 import torch
@@ -58,3 +59,20 @@ def evaluate_loss(model, loss_of_rows, n_rows, batch_size, rt, row_weights=None)
     raw.train(was_training)
     total_weight = weight(list(range(n_rows)))
     return {f"eval_{k}": v / total_weight for k, v in zip(names, totals.tolist())}
+
+
+@torch.no_grad()
+def sample_completions(model, prompts, tok, max_new_tokens, rt, temperature=0.0, generator=None, chunk=500):
+    """The model's completions (text) of `prompts`, greedy (temperature 0) or sampled, `chunk` prompts at a time,
+    with a progress line: dpo.py's on-policy pairs. The model is put back in the mode it was in."""
+    raw = unwrap(model)
+    was_training = raw.training
+    raw.eval()
+    outs, progress = [], Progress(f"building pairs, temperature {temperature}", len(prompts), rt.master)
+    for i in range(0, len(prompts), chunk):
+        with rt.autocast():
+            outs += raw.generate([tok.encode(p) for p in prompts[i:i + chunk]], max_new_tokens, tok.eos_id, tok.pad_id,
+                                 temperature=temperature, generator=generator)
+        progress.update(len(outs))
+    raw.train(was_training)
+    return [tok.decode(o) for o in outs]
