@@ -1,6 +1,6 @@
 """DDP (and FSDP2) are world-size invariant: 2 processes (torchrun, gloo) log the same losses as 1 process with
-twice the gradient accumulation; uneven held-out shards do not hang; torch.compile trains without recompiling after the
-first step."""
+twice the gradient accumulation, also with a reference that moves (TR-DPO); uneven held-out shards do not hang;
+torch.compile trains without recompiling after the first step."""
 
 import json
 import os
@@ -68,6 +68,13 @@ def ddp_runs(tmp_path_factory, repo_root, script_env):
     out["dpo_fsdp"] = str(root / "dpo_fsdp")
     run(["dpo.py", *TINY_DPO, "--gradient_accumulation_steps=2", "--fsdp=True",
          f"--sft_ckpt={root / 'sft_one' / 'ckpt.pt'}", f"--out_dir={out['dpo_fsdp']}"], repo_root, script_env, 2)
+    # TR-DPO: the reference moves every 2 steps, in one process, under DDP (a full copy per rank) and under FSDP2
+    # (each rank mixes its own shards)
+    sync = ["--ref_sync_steps=2", "--ref_mixup_alpha=0.5", "--gradient_accumulation_steps=2"]
+    for name, nproc, extra in (("sync_one", 1, []), ("sync_ddp", 2, []), ("sync_fsdp", 2, ["--fsdp=True"])):
+        out[name] = str(root / name)
+        run(["dpo.py", *TINY_DPO, *sync, *extra, f"--sft_ckpt={root / 'sft_one' / 'ckpt.pt'}",
+             f"--out_dir={out[name]}"], repo_root, script_env, nproc)
     return out
 
 
@@ -124,3 +131,18 @@ def test_compile_does_not_recompile_after_warmup(repo_root, script_env, tmp_path
                  timeout=600)
     assert "torch.compile: first step took" in stdout
     assert "torch.compile: 0 recompiles after the first step" in stdout, stdout[-1500:]
+
+
+@pytest.mark.parametrize("name", ["sync_ddp", "sync_fsdp"])
+def test_tr_dpo_moves_the_reference_alike_under_ddp_and_fsdp(ddp_runs, name):
+    assert_same_losses(ddp_runs["sync_one"], ddp_runs[name], ["loss", "rewards/chosen", "rewards/rejected",
+                                                              "grad_norm"])
+    import torch
+    one = torch.load(os.path.join(ddp_runs["sync_one"], "ckpt.pt"), weights_only=True)
+    other = torch.load(os.path.join(ddp_runs[name], "ckpt.pt"), weights_only=True)
+    assert one["reference_syncs"] == other["reference_syncs"] == 3
+    assert one["reference"].keys() == other["reference"].keys()  # gathered from the shards: a plain state dict
+    assert max((one["reference"][k] - other["reference"][k]).abs().max().item() for k in one["reference"]) < 1e-5
+    # and it moved: the synced runs' losses part from plain DPO's after the first sync
+    plain = records(ddp_runs["dpo_one"], "loss")
+    assert abs(plain[2]["loss"] - records(ddp_runs[name], "loss")[2]["loss"]) > 1e-4
