@@ -75,8 +75,8 @@ f_divergence_type = "reverse_kl"  # dpo/ipo/hinge/robust/exo: the divergence the
 f_alpha_divergence_coef = 0.5     # (DPO), forward_kl, js, or alpha with this coefficient (TRL's default: 1.0)
 use_weighting = False     # WPO: weight each pair by the policy's (per-token) probability of it
 ld_alpha = 1.0            # LD-DPO: < 1 discounts the tokens of the longer response past the shorter one's length
-ref_sync_steps = 0        # TR-DPO: every N steps the reference becomes ref_mixup_alpha * policy + (1 - a) * itself
-ref_mixup_alpha = 0.6
+ref_sync_steps = 0        # TR-DPO: N > 0 = every N steps the reference becomes
+ref_mixup_alpha = 0.6     # ref_mixup_alpha * policy + (1 - ref_mixup_alpha) * reference (TRL's default 0.6)
 desirable_weight = 1.0    # kto: weights of desirable / undesirable examples
 undesirable_weight = 1.0
 reference_free = False    # dpo/ipo/hinge/...: a uniform reference (reference log-probs 0), no reference model

@@ -27,8 +27,12 @@ def reference_table(reference, data, pair_logps, batch_size, rt):
 def mix_into(reference, policy, alpha):
     """reference <- alpha * policy + (1 - alpha) * reference, parameter by parameter, in place (TR-DPO's soft
     update). Under FSDP2 both models are sharded the same way (runtime.shard), so each rank mixes its own
-    shards: the same arithmetic on the same numbers as mixing the full tensors, with no communication. Under
-    DDP every rank holds the same two models and mixes them identically."""
+    shards (resharded first): the same arithmetic on the same numbers as mixing the full tensors, with no
+    communication. Under DDP every rank holds the same two models and mixes them identically."""
+    for model in (reference, policy):  # FSDP2 leaves the root's parameters gathered after a forward: shard them
+        for module in unwrap(model).modules():
+            if hasattr(module, "reshard"):  # an FSDP2-sharded module
+                module.reshard()
     own = dict(unwrap(policy).named_parameters())
     for name, ref in unwrap(reference).named_parameters():
         pol = own[name]
