@@ -21,6 +21,7 @@ from runtime import all_reduce_sum
 AVERAGED = ("dpo_norm", "ipo")  # per-token average log-probs of policy and reference; the rest sum them
 MARGIN = ("dpo", "dpo_norm", "ipo", "hinge", "robust", "exo", "discopop", "aot")  # functions of the margin h
 WITH_REFERENCE = MARGIN + ("nca", "bco", "sppo_hard", "aot_unpaired", "apo_zero", "apo_down")
+F_DIVERGENCE_TERMS = ("dpo", "dpo_norm", "ipo", "hinge", "robust", "exo")  # sigmoid, hinge and IPO-style losses
 PAIRWISE = WITH_REFERENCE + ("simpo", "orpo", "sft")
 LOSS_TYPES = PAIRWISE + ("kto",)
 TRL_NAMES = {"sigmoid": "dpo", "sigmoid_norm": "dpo_norm", "exo_pair": "exo", "nca_pair": "nca", "bco_pair": "bco"}
@@ -43,7 +44,7 @@ LOSS_OPTIONS = {
     "undesirable_weight": (("kto",), IN_USE, "it weights KTO's undesirable examples"),
     "discopop_tau": (("discopop",), IN_USE, "it is DiscoPOP's switching width"),
     "bco_running_delta": (("bco",), IN_USE, "it is BCO's reward shift"),
-    "f_divergence_type": (("dpo", "dpo_norm", "ipo", "hinge", "robust", "exo"), lambda v: v != "reverse_kl",
+    "f_divergence_type": (F_DIVERGENCE_TERMS, lambda v: v != "reverse_kl",
                           "it reshapes the margin of the sigmoid, hinge and IPO-style losses"),
     "use_weighting": (tuple(n for n in WITH_REFERENCE if not n.startswith("aot")), bool,
                       "WPO weights TRL's DPO-family pairs; aot's sorted terms are not pairs"),
@@ -134,6 +135,7 @@ def needs_reference(loss_type, reference_free=False):
 BETA_ONLY = {"ipo": ipo_loss, "hinge": hinge_loss, "nca": nca_loss, "sppo_hard": sppo_hard_loss,
              "apo_zero": apo_zero_loss, "apo_down": apo_down_loss}  # the losses with no setting but beta
 
+
 def preference_loss(name, pc, pr, rc, rr, nc, nr, beta, label_smoothing=0.0, simpo_gamma=0.5, discopop_tau=0.05,
                     f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, weights=None, delta=0.0):
     """The loss `name` on a batch of pairs. pc, pr: the policy's summed log-probs of chosen / rejected; rc, rr:
@@ -153,7 +155,7 @@ def preference_loss(name, pc, pr, rc, rr, nc, nr, beta, label_smoothing=0.0, sim
     if name in AVERAGED:  # IPO's target and dpo_norm's margin are per token (see ipo_loss)
         pc, pr, rc, rr = average_logps(pc, nc), average_logps(pr, nr), average_logps(rc, nc), average_logps(rr, nr)
     rewards = implicit_rewards(beta, pc, pr, rc, rr)  # beta * (policy - ref), whatever shape the loss gives h
-    if f_divergence_type != "reverse_kl":  # h = psi(pc - rc) - psi(pr - rr): psi in for the log-ratios
+    if f_divergence_type != "reverse_kl" and name in F_DIVERGENCE_TERMS:  # h = psi(pc - rc) - psi(pr - rr)
         pc = f_divergence(pc - rc, f_divergence_type, f_alpha_divergence_coef)
         pr = f_divergence(pr - rr, f_divergence_type, f_alpha_divergence_coef)
         rc, rr = torch.zeros_like(pc), torch.zeros_like(pr)

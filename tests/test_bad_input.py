@@ -204,7 +204,7 @@ def dpo_config(*argv):
     (["--loss_type=nca", "--label_smoothing=0.1"], "label_smoothing applies to dpo, robust, exo, aot and aot_unpaired"),
     (["--loss_type=dpo", "--discopop_tau=0.1"], "discopop_tau applies to discopop only, not 'dpo'"),
     (["--loss_type=dpo", "--bco_running_delta=False"], "bco_running_delta applies to bco only, not 'dpo'"),
-    (["--loss_type=nca", "--f_divergence_type=js"], "f_divergence_type applies to dpo, dpo_norm, ipo, hinge, robust and"),
+    (["--loss_type=nca", "--f_divergence_type=js"], "f_divergence_type applies to dpo, dpo_norm, ipo, hinge"),
     (["--f_divergence_type=js_divergence"], "unknown f_divergence_type 'js_divergence' (TRL's 'js_divergence' is our"),
     (["--f_alpha_divergence_coef=0.3"], "f_alpha_divergence_coef applies to f_divergence_type='alpha' only"),
     (["--loss_type=ipo", "--ld_alpha=0.5"], "ld_alpha applies to every loss but dpo_norm, ipo"),

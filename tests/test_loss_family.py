@@ -102,8 +102,8 @@ def test_value_at_policy_equal_reference(fn):
 
 
 def test_special_cases_reduce_to_known_losses():
-    for eps in (0.0,):  # rDPO with eps = 0 is DPO
-        assert robust_loss(PC, PR, RC, RR, BETA, eps)[0].item() == pytest.approx(dpo_loss(PC, PR, RC, RR, BETA)[0].item())
+    dpo = dpo_loss(PC, PR, RC, RR, BETA)[0].item()
+    assert robust_loss(PC, PR, RC, RR, BETA, 0.0)[0].item() == pytest.approx(dpo)  # rDPO with eps = 0 is DPO
     # EXO's minimum, 0, at beta h = log((1 - eps) / eps)
     eps = 0.05
     h = math.log((1 - eps) / eps) / BETA
@@ -124,9 +124,9 @@ def test_discopop_bump_near_zero():
     """The docstring's claims: with tau = 0.05 the loss rises with the margin at h = 0 (pushing it negative) and
     has a local minimum near beta h = -0.12; with tau = 0.25 it falls at 0, as DPO does."""
     x = torch.linspace(-0.5, 0.5, 20001, dtype=torch.float64)
-    loss = [discopop_loss(x, torch.zeros_like(x), torch.zeros_like(x), torch.zeros_like(x), 1.0, tau)[0] for tau in (0.05,)]
+    zero = torch.zeros_like(x)
     per_pair = torch.sigmoid(-x / 0.05) * F.softplus(-x) + torch.sigmoid(x / 0.05) * torch.exp(-x)  # by formula
-    assert loss[0].item() == pytest.approx(per_pair.mean().item())
+    assert discopop_loss(x, zero, zero, zero, 1.0, 0.05)[0].item() == pytest.approx(per_pair.mean().item())
     slope = torch.diff(per_pair)
     minima = x[1:-1][(slope[:-1] < 0) & (slope[1:] >= 0)]
     assert len(minima) == 1 and -0.13 < minima.item() < -0.11
@@ -284,6 +284,15 @@ def test_combination_is_the_weighted_sum_with_every_term_named():
     _, single = Objective(settings("dpo"))(PC, PR, RC, RR, NC, NR)
     assert set(single) == {"logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "rewards/margins",
                            "rewards/accuracies"}
+
+
+def test_options_act_on_the_terms_they_apply_to():
+    """In dpo+nca, the f-divergence reshapes DPO's margin only; NCA keeps its own log-ratios."""
+    _, metrics = Objective(settings("dpo+nca", f_divergence_type="js"))(PC, PR, RC, RR, NC, NR)
+    psi = lambda v: LN2 - softplus(-v)  # noqa: E731
+    expected = mean([softplus(-BETA * (psi(c) - psi(r))) for c, r in zip(C, R)])
+    assert metrics["dpo/loss"].item() == pytest.approx(expected)
+    assert metrics["nca/loss"].item() == pytest.approx(HAND["nca"][1])
 
 
 def test_dpo_norm_is_dpo_on_average_log_probs():
