@@ -176,10 +176,12 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def resume(path, ckpt, model, optimizer, order, scaler, rt, max_iters):
+def resume(path, ckpt, model, optimizer, order, scaler, rt, max_iters, states=()):
     """Load a training checkpoint (`path` and its contents) into a freshly built run: weights, optimizer,
-    GradScaler, data position and RNGs. Returns (the iteration to continue from, the non-finite steps skipped so
-    far). Call it last before the loop, so nothing set up after it draws from the restored RNGs."""
+    GradScaler, data position and RNGs, and each of `states` (objects whose load_state_dict(ckpt) reads what
+    their state_dict() put into it: BCO's running mean, a reference that moved). Returns (the iteration to
+    continue from, the non-finite steps skipped so far). Call it last before the loop, so nothing set up after
+    it draws from the restored RNGs."""
     for key in ("optimizer", "iter_num", "data_order", "rng"):
         if key not in ckpt:
             raise UserError(f"{path} cannot be resumed: it has no '{key}' (was it written by an older version?)")
@@ -196,6 +198,8 @@ def resume(path, ckpt, model, optimizer, order, scaler, rt, max_iters):
         load_state_strict(unwrap(model), ckpt["model"], path)
         optimizer.load_state_dict(ckpt["optimizer"])
     order.load_state_dict(ckpt["data_order"])
+    for state in states:
+        state.load_state_dict(ckpt)
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     per_rank = ckpt.get("rng_per_rank")  # DDP: each rank continues its own stream (same world size only)

@@ -8,6 +8,7 @@ $ python dpo.py --loss_type=ipo                   # another loss; each writes a 
 $ python dpo.py config/simpo.py                   # a loss with its own recipe (see config/)
 $ python dpo.py --loss_type=sft                   # baseline: continued SFT on the chosen answers (out/sft_chosen)
 $ python dpo.py config/lora.py                    # LoRA: only adapters train; the reference is the policy without them
+$ python dpo.py --loss_type=dpo+bco+sft --loss_weights=0.8,0.2,1.0   # a weighted combination (MPO)
 $ torchrun --standalone --nproc_per_node=2 dpo.py # DDP; the global batch stays the same
 
 The path, top to bottom: settings; 1. the policy and its frozen copy, the reference; 2. the pairs; 3. where the
@@ -39,8 +40,9 @@ from formats import cached_encode, dataset_kind, load_splits
 from logger import Logger, model_flops_per_token, peak_rss_mb, summary
 from logprobs import concatenated_logps, concatenated_tokens, prefix_shared_logps, prefix_shared_tokens
 from lora import AdaptersOff
-from losses import check_loss_options, needs_reference, preference_loss
+from objectives import Objective, check_loss_options, needs_reference
 from optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
+from reference import ReferenceSync, reference_table
 from tasks import AdditionTask, AnswerTask
 
 install_error_handler()  # bad input ends the run with one line, not a traceback
@@ -61,14 +63,25 @@ checkpoint_interval = 0
 always_save_checkpoint = False
 keep_last = 1
 # the objective
-loss_type = "dpo"         # dpo | ipo | hinge | simpo | orpo | kto | sft (see losses.py and the README)
+loss_type = "dpo"         # dpo | ipo | hinge | simpo | orpo | kto | sft | nca | bco | ... (losses.py's table), or
+                          # several joined by '+' (dpo+bco+sft), weighted by loss_weights
+loss_weights = ""         # a combination's weights, e.g. '0.8,0.2,1.0'; '' = all 1
 beta = 1.0                # dpo/ipo/hinge/kto: KL strength (larger = closer to the reference); simpo: reward
                           # scale; orpo: lambda (as in TRL). TRL's default is 0.1; README "Results" says why 1.0
-label_smoothing = 0.0     # dpo: > 0 gives conservative DPO (assumed probability that a label is flipped)
+label_smoothing = 0.0     # dpo: > 0 gives conservative DPO (assumed probability that a label is flipped);
+                          # robust, exo, aot: their label-flip rate too
 simpo_gamma = 0.5         # simpo: target reward margin
+discopop_tau = 0.05       # discopop: width of the switch between its logistic and exponential parts
+bco_running_delta = True  # bco: reward shift = running mean of the rewards (the paper); False: 0 (TRL's bco_pair)
+f_divergence_type = "reverse_kl"  # dpo/ipo/hinge/robust/exo: the divergence the reward comes from: reverse_kl
+f_alpha_divergence_coef = 0.5     # (DPO), forward_kl, js, or alpha with this coefficient (TRL's default: 1.0)
+use_weighting = False     # WPO: weight each pair by the policy's (per-token) probability of it
+ld_alpha = 1.0            # LD-DPO: < 1 discounts the tokens of the longer response past the shorter one's length
+ref_sync_steps = 0        # TR-DPO: N > 0 = every N steps the reference becomes
+ref_mixup_alpha = 0.6     # ref_mixup_alpha * policy + (1 - ref_mixup_alpha) * reference (TRL's default 0.6)
 desirable_weight = 1.0    # kto: weights of desirable / undesirable examples
 undesirable_weight = 1.0
-reference_free = False    # dpo/ipo/hinge against a uniform reference (reference log-probs 0): no reference model
+reference_free = False    # dpo/ipo/hinge/...: a uniform reference (reference log-probs 0), no reference model
 rpo_alpha = 0.0           # > 0: add rpo_alpha * NLL of the chosen response to a pairwise loss (RPO)
 precompute_ref = False    # one no-grad pass computes the reference log-probs, then the reference is freed
 prefix_sharing = False    # one row [prompt | chosen | rejected] per pair: the shared prompt is computed once
@@ -151,9 +164,7 @@ elif use_reference:
 sampler = torch.Generator(device=rt.device).manual_seed(seed)
 
 
-def generate(prompts, temperature):
-    """The policy's completions (text), greedy (temperature 0) or sampled; `task` is the task whose pairs are
-    being built (below)."""
+def generate(prompts, temperature):  # the policy's completions (text) for the pairs below
     return complete(policy, prompts, tok, rt, task.max_new_tokens, f"building pairs, temperature {temperature}",
                     temperature, sampler)
 
@@ -194,22 +205,13 @@ if prefix_sharing:  # one packed row [prompt | chosen | rejected] per pair: the 
     pair_logps, count_tokens = partial(prefix_shared_logps, **layout, flex=use_flex), prefix_shared_tokens
 else:  # the concatenated forward (logprobs.concatenated_logps): chosen and rejected rows in one batch of 2B
     pair_logps, count_tokens = partial(concatenated_logps, **layout), concatenated_tokens
-
-
-@torch.no_grad()
-def reference_table(data):
-    """(N, 2) summed reference log-probs of every pair of `data`: [:, 0] chosen, [:, 1] rejected."""
-    table = torch.zeros(len(data), 2)
-    for i in range(0, len(data), batch_size):
-        with rt.autocast():
-            rc, rr, _, _ = pair_logps(reference, data[i:i + batch_size])
-        table[i:i + batch_size] = torch.stack([rc, rr], dim=1).float().cpu()
-    return table
+pair_logps = partial(pair_logps, ld_alpha=ld_alpha)  # LD-DPO (ld_alpha < 1) discounts both models' long tails
 
 
 train_table = eval_table = None
 if precompute_ref:  # (check_loss_options made sure the loss has a reference)
-    train_table, eval_table = reference_table(train_data), reference_table(eval_data)
+    train_table, eval_table = (reference_table(reference, rows, pair_logps, batch_size, rt)
+                               for rows in (train_data, eval_data))
     reference = None  # freed: training now holds one model
     if rt.master:
         print(f"precomputed reference log-probs for {len(train_data)} + {len(eval_data)} pairs; reference freed")
@@ -226,16 +228,20 @@ def reference_logps(reference_model, pairs, table_rows=None):
 
 
 # 4. the loss of a micro-batch: the policy's log-probs (with gradients), the reference's, then --loss_type
+objective = Objective(config, rt)  # --loss_type and its settings (objectives.py); keeps BCO's running mean
+
+
 def compute_loss(policy_model, reference_model, pairs, table_rows=None):
     """(loss, metrics) of a micro-batch of pairs (KTO: examples). Training passes the wrapped models (DDP,
     compile), evaluation the plain ones (no graphs compiled for its shapes)."""
     if loss_type == "kto":  # unpaired examples, with a KL reference point from mismatched rows: kto.py
         return kto.batch_loss(policy_model, reference_model, pairs, layout, rt, beta, desirable_weight,
                               undesirable_weight)
-    pc, pr, nc, nr = pair_logps(policy_model, pairs)  # summed log-probs and token counts of chosen, rejected: (B,)
+    # summed log-probs and token counts of chosen, rejected: (B,) each; with --use_weighting, WPO's pair weights
+    pc, pr, nc, nr, *wpo = pair_logps(policy_model, pairs, wpo=use_weighting)
     rc, rr = reference_logps(reference_model, pairs, table_rows)
     # --loss_type picks the loss: dpo -> losses.dpo_loss(pc, pr, rc, rr, beta, label_smoothing), ...
-    return preference_loss(loss_type, pc, pr, rc, rr, nc, nr, beta, label_smoothing, simpo_gamma, rpo_alpha)
+    return objective(pc, pr, rc, rr, nc, nr, *wpo)
 
 
 if loss_type == "kto":
@@ -249,9 +255,11 @@ optimizer = configure_optimizer(policy, weight_decay, learning_rate, (beta1, bet
 scaler = runtime.grad_scaler(rt)  # fp16 only: scales the loss so small gradients survive; else a no-op
 order = BatchOrder(len(train_data), seed)
 guard = NonFiniteGuard(max_nonfinite)
+sync = ReferenceSync(reference, policy, ref_sync_steps, ref_mixup_alpha, rt)  # TR-DPO; a no-op when steps = 0
 start_iter = 0
 if start.run:  # --init_from=resume: continue exactly where the run's checkpoint left off (weights, optimizer, data)
-    start_iter, guard.total = checkpoint.resume(*start.run, policy, optimizer, order, scaler, rt, max_iters)
+    start_iter, guard.total = checkpoint.resume(*start.run, policy, optimizer, order, scaler, rt, max_iters,
+                                                states=(objective, sync))
 # for MFU: forward-only passes per trained token, besides the policy's forward + backward (the live reference;
 # KTO's mismatched rows through the policy, and through the reference)
 forward_only = (reference is not None) + (loss_type == "kto") * (1 + (reference is not None))
@@ -275,7 +283,7 @@ def evaluate():
 
 def save(it, results):
     checkpoint.save_run(config, it, policy, optimizer, order, scaler, tok.name, rt, sft_ckpt=start.sft_ckpt,
-                        nonfinite_skipped=guard.total, **results)
+                        nonfinite_skipped=guard.total, **objective.state_dict(), **sync.state_dict(), **results)
 
 
 results = {}
@@ -311,6 +319,7 @@ for it in range(start_iter, max_iters + 1):
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    sync.after_step(it)  # TR-DPO: every ref_sync_steps steps the reference moves towards the policy
     logger.step(it, lr, grad_norm, time.time() - t0, guard.total)
 save(max_iters, results)
 logger.finish(guard.total)

@@ -1,7 +1,8 @@
 """
 Held-out evaluation, shared by sft.py and dpo.py: exact-match accuracy of greedy answers on a task with a
 verifier, and the training loss (with its metrics) over held-out rows. Both run the plain model, in eval mode,
-without gradients, and put it back in training mode after.
+without gradients, and put it back in training mode after. Also the completions dpo.py builds its on-policy
+pairs from (complete), generated the same way.
 """
 
 import torch

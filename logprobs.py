@@ -8,6 +8,8 @@ Log-probabilities of responses, the quantity every preference loss is a function
     prefix_shared_logps  the same from B packed rows [prompt | chosen | rejected]: the prompt runs once
                          (packed_row_logps: the same from such rows' logits)
     completion_logps     a model + (prompt, completion) rows -> summed log-probs (KTO's unpaired rows)
+    length_desensitized  LD-DPO (--ld_alpha): the tail of the longer response counts alpha times
+    wpo_token_logps      WPO (--use_weighting): per-token log-weights, and wpo_weights, a pair's weight
 
 Naming, as everywhere in this repo: *_logps are summed over a response's tokens + EOS, (B,); *_avg_logps are
 those divided by the token count. Log-probs are float32 whatever the autocast dtype: losses take differences
@@ -40,41 +42,64 @@ def average_logps(logps, n_tokens):
     return logps / n_tokens.clamp(min=1)
 
 
-def concatenated_logps(model, pairs, pad_id, block_size, device, multiple=1):
+def concatenated_logps(model, pairs, pad_id, block_size, device, multiple=1, ld_alpha=1.0, wpo=False):
     """Pairs [(prompt_ids, chosen_ids, rejected_ids)] -> (chosen_logps, rejected_logps, chosen_n, rejected_n),
     (B,) each, from ONE forward of `model` over 2B right-padded rows, chosen first then rejected (the
-    'concatenated forward'). multiple: pad the length up to a multiple of it (for torch.compile's shapes)."""
+    'concatenated forward'). multiple: pad the length up to a multiple of it (for torch.compile's shapes).
+    ld_alpha < 1: the summed log-probs are LD-DPO's (length_desensitized). wpo: a fifth tensor, each pair's WPO
+    weight (wpo_weights), detached."""
     T = max(len(p) + max(len(c), len(r)) for p, c, r in pairs) - 1
     idx, targets, mask = collate_pairs(pairs, pad_id, padded_length(T, block_size, multiple))  # (2B, T) each
     logits, _ = model(idx.to(device))  # (2B, T, V)
-    logps, n_tokens = summed_logps(token_logps(logits, targets.to(device)), mask.to(device))  # (2B,) each
+    targets, mask = targets.to(device), mask.to(device)
+    per_token = token_logps(logits, targets)  # (2B, T)
+    logps, n_tokens = summed_logps(per_token, mask)  # (2B,) each
     B = len(pairs)
-    return logps[:B], logps[B:], n_tokens[:B], n_tokens[B:]
+    if ld_alpha != 1.0:
+        logps = length_desensitized(per_token, mask, torch.minimum(n_tokens[:B], n_tokens[B:]).repeat(2), ld_alpha)
+    out = (logps[:B], logps[B:], n_tokens[:B], n_tokens[B:])
+    if wpo:
+        log_w = summed_logps(wpo_token_logps(logits, targets), mask)[0]  # (2B,)
+        out += (wpo_weights(log_w[:B], log_w[B:], n_tokens[:B], n_tokens[B:]),)
+    return out
 
 
-def prefix_shared_logps(model, pairs, pad_id, block_size, device, multiple=1, flex=False):
+def prefix_shared_logps(model, pairs, pad_id, block_size, device, multiple=1, flex=False, ld_alpha=1.0,
+                        wpo=False):
     """The same four (B,) tensors as concatenated_logps, from B packed rows [prompt | chosen | rejected]: an
     attention mask keeps the two branches apart and position ids restart after the prompt, so every token sees
     what it sees in its plain row (data.collate_prefix_shared draws the layout). flex: the mask as a
-    FlexAttention BlockMask (GPUs), else a boolean mask for SDPA."""
+    FlexAttention BlockMask (GPUs), else a boolean mask for SDPA. ld_alpha, wpo: as in concatenated_logps."""
     T = max(len(p) + len(c) + len(r) - 2 for p, c, r in pairs)
     batch = {k: v.to(device) for k, v in
              collate_prefix_shared(pairs, pad_id, padded_length(T, 2 * block_size, multiple)).items()}
     mask = block_mask(batch["attn_mask"]) if flex else batch["attn_mask"]  # (B, 1, T, T) bool
     logits, _ = model(batch["idx"], pos=batch["pos"], attn_mask=mask)  # (B, T, V)
-    return packed_row_logps(logits, batch)
+    return packed_row_logps(logits, batch, ld_alpha, wpo)
 
 
-def packed_row_logps(logits, batch):
+def packed_row_logps(logits, batch, ld_alpha=1.0, wpo=False):
     """Logits (B, T, V) of a data.collate_prefix_shared batch -> (chosen_logps, rejected_logps, chosen_n,
-    rejected_n), (B,) each, as the concatenated forward gives them."""
+    rejected_n), (B,) each, as the concatenated forward gives them (and with ld_alpha, wpo, as it does)."""
+    chosen_mask, rejected_mask = batch["chosen_mask"], batch["rejected_mask"]
     per_token = token_logps(logits, batch["targets"])  # (B, T)
-    chosen_logps, chosen_n = summed_logps(per_token, batch["chosen_mask"])
-    rejected_logps, rejected_n = summed_logps(per_token, batch["rejected_mask"])
+    chosen_logps, chosen_n = summed_logps(per_token, chosen_mask)
+    rejected_logps, rejected_n = summed_logps(per_token, rejected_mask)
     # the first rejected token: a second gather from the last prompt column, whose logits both branches share
-    first_logits = logits[torch.arange(logits.size(0), device=logits.device), batch["first_index"]]  # (B, V)
-    first_logps = token_logps(first_logits[:, None], batch["first_target"][:, None])[:, 0]  # (B,)
-    return chosen_logps, rejected_logps + first_logps, chosen_n, rejected_n + 1
+    first_logits = logits[torch.arange(logits.size(0), device=logits.device), batch["first_index"]][:, None]
+    first_logps = token_logps(first_logits, batch["first_target"][:, None])[:, 0]  # (B,)
+    rejected_n = rejected_n + 1
+    if ld_alpha != 1.0:  # the first rejected token is response token 1: always inside the shared length
+        public = torch.minimum(chosen_n, rejected_n)
+        chosen_logps = length_desensitized(per_token, chosen_mask, public, ld_alpha)
+        rejected_logps = length_desensitized(per_token, rejected_mask, public, ld_alpha, first=2)
+    out = (chosen_logps, rejected_logps + first_logps, chosen_n, rejected_n)
+    if wpo:
+        log_w = wpo_token_logps(logits, batch["targets"])  # (B, T)
+        first_w = wpo_token_logps(first_logits, batch["first_target"][:, None])[:, 0]
+        out += (wpo_weights(summed_logps(log_w, chosen_mask)[0], summed_logps(log_w, rejected_mask)[0] + first_w,
+                            chosen_n, rejected_n),)
+    return out
 
 
 def completion_logps(model, seqs, pad_id, block_size, device, multiple=1):
@@ -83,6 +108,52 @@ def completion_logps(model, seqs, pad_id, block_size, device, multiple=1):
     idx, targets, mask = collate(seqs, pad_id, padded_length(T, block_size, multiple))
     logits, _ = model(idx.to(device))
     return summed_logps(token_logps(logits, targets.to(device)), mask.to(device))[0]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Training-dynamics options that act on the log-probs: LD-DPO and WPO
+
+def length_desensitized(per_token, mask, public_n, alpha, first=1):
+    """LD-DPO ("Length Desensitization in Direct Preference Optimization", Liu et al. 2024,
+    arXiv:2409.06411): a response's log-prob with the tokens past the pair's shared length discounted,
+
+        log pi_LD(y) = sum over the first l_p response tokens of log p(y_t) + alpha * sum over the rest
+
+    with l_p = public_n = min(chosen tokens, rejected tokens) of the pair, (B,). Summed log-probs grow with
+    length, so DPO can raise a margin by lengthening the chosen answer (or shortening the rejected one);
+    alpha < 1 shrinks what the excess length of the longer response can contribute, to the log-probs and to
+    their gradient. alpha = 1 is the plain sum. per_token, mask: (B, T); first: the index (1-based) of the
+    first response token mask covers (2 for a packed row's rejected branch, whose first token is gathered
+    apart). Applied to both models, so policy = reference still gives DPO's ln 2 (TRL applies it to the policy
+    only; the gradient is the same, the margin at the start is not). Returns (B,)."""
+    position = mask.cumsum(-1) + (first - 1)  # (B, T): the response-token index of each masked position
+    weighted = torch.where(position <= public_n[:, None], per_token, alpha * per_token)
+    return summed_logps(weighted, mask)[0]
+
+
+@torch.no_grad()
+def wpo_token_logps(logits, targets):
+    """WPO's per-token log-weights ("WPO: Enhancing RLHF with Weighted Preference Optimization", Zhou et al.
+    2024, arXiv:2406.11827, eq. 2, aligned version, as TRL's use_weighting):
+
+        log w_t = log p(y_t) - log sum_v p(v)^2          # (B, T) float32, no gradient
+
+    sum_v p(v)^2 is the probability the policy gives, on average, to a token sampled from itself, so dividing by
+    it makes a response the policy would itself produce weigh ~1 at every position, however peaked the
+    distribution is."""
+    logps = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    return torch.gather(logps, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(2 * logps, dim=-1)
+
+
+def wpo_weights(chosen_log_w, rejected_log_w, chosen_n, rejected_n):
+    """A pair's WPO weight from the summed per-token log-weights of its two responses, (B,) each:
+
+        weight = min(1, exp(mean_t log w_t(chosen) + mean_t log w_t(rejected)))
+
+    Preference data sampled far from the current policy (off-policy) weighs less: WPO reweights towards the
+    on-policy pairs DPO's derivation assumes. Per-token means, so a long response is not penalised for its
+    length. Detached; the pairwise losses multiply each pair's loss by it (losses.batch_mean)."""
+    return torch.exp(average_logps(chosen_log_w, chosen_n) + average_logps(rejected_log_w, rejected_n)).clamp(max=1)
 
 
 # Tokens each layout runs through the model per pair (padding not counted): for tok/s and MFU on stdout

@@ -1,30 +1,39 @@
 """
-Preference-optimisation losses, each a short pure function of per-sequence log-probabilities, and
-preference_loss(), the one place where --loss_type picks one of them.
+Preference-optimisation losses, each a short pure function of per-sequence log-probabilities: the whole family
+side by side, the one place to compare them. Which one a run uses, with which options, is objectives.py's job.
 
-Conventions (one name for one thing, everywhere in this repo):
-  policy_* / ref_*          the model being trained / the frozen reference (the SFT checkpoint)
-  chosen / rejected         the preferred / dispreferred response of a pair
-  *_logps                   summed log-prob of a response (its tokens + EOS), shape (B,)
-  *_avg_logps               the same divided by the number of response tokens, shape (B,)
-                            (logprobs.average_logps; an empty response gives 0, never 0/0)
-Every loss returns a scalar, the mean over the batch's pairs (sft_loss: over its response tokens); rewards are
-returned detached, per example, for logging. Pairwise losses return (loss, chosen_rewards, rejected_rewards);
-orpo_loss adds two metrics, kto_loss returns (loss, rewards, kl): see them.
+TRL's DPOTrainer loss_type (1.16) -> our --loss_type -> the function here
+  sigmoid        dpo            dpo_loss (label_smoothing > 0: conservative DPO)
+  sigmoid_norm   dpo_norm       dpo_loss on per-token average log-probs (length-normalised DPO)
+  ipo            ipo            ipo_loss (average log-probs, as TRL)
+  hinge          hinge          hinge_loss
+  robust         robust         robust_loss
+  exo_pair       exo            exo_loss
+  nca_pair       nca            nca_loss
+  bco_pair       bco            bco_loss (delta = 0 is TRL's; dpo.py keeps the paper's running mean)
+  sppo_hard      sppo_hard      sppo_hard_loss
+  aot            aot            aot_loss
+  aot_unpaired   aot_unpaired   aot_loss(unpaired=True)
+  apo_zero       apo_zero       apo_zero_loss
+  apo_down       apo_down       apo_down_loss
+  discopop       discopop       discopop_loss
+  sft            sft            sft_loss
+  [a, b, ...] + loss_weights (MPO)   --loss_type=a+b+... --loss_weights=...   objectives.Objective
+  f_divergence_type                  --f_divergence_type                       f_divergence
+  rpo_alpha                          --rpo_alpha                               + rpo_alpha * sft_loss
+  use_weighting (WPO), ld_alpha      --use_weighting, --ld_alpha               logprobs.py (they act on log-probs)
+  sync_ref_model (TR-DPO)            --ref_sync_steps, --ref_mixup_alpha       reference.py
+TRL's other trainers: CPOTrainer's simpo -> simpo (simpo_loss), ORPOTrainer -> orpo (orpo_loss), KTOTrainer ->
+kto (kto_loss, batches in kto.py).
 
-Which log-probs each loss wants (preference_loss honours this):
-  dpo_loss, hinge_loss       summed log-probs
-  ipo_loss                   per-token AVERAGE log-probs (see its docstring)
-  simpo_loss, orpo_loss      per-token average log-probs, policy only (no reference model)
-  kto_loss                   summed log-probs, unpaired examples + mismatched pairs for the KL estimate (kto.py)
+Names, everywhere in this repo: pc, pr = the policy's log-probs of the chosen / rejected response; rc, rr = the
+reference's (the frozen SFT model); *_logps = summed over the response's tokens + EOS, *_avg_logps = divided by
+their number (logprobs.average_logps; an empty response gives 0, never 0/0); all (B,). h = (pc - rc) - (pr - rr),
+the implicit-reward margin. Pairwise losses return (loss, chosen_rewards, rejected_rewards): loss is the batch
+mean (weighted by WPO's `weights` when given), rewards are beta * (policy - reference) per response, detached.
 
-RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization", arXiv:2404.19733) is not a separate
-function: it adds alpha * (per-token NLL of the chosen responses) to any pairwise loss, i.e.
-    loss = pairwise_loss + rpo_alpha * sft_loss(policy_chosen_logps, policy_chosen_n_tokens)
-which keeps the likelihood of the chosen answers from falling while the margin grows.
-
-Numerical safety: losses use F.logsigmoid (never log(sigmoid)), so |margins| of 1e4 give finite values and
-gradients; empty responses (0 tokens -> avg log-prob 0) and average log-prob 0 are finite everywhere.
+Numerical safety: logsigmoid, never log(sigmoid); exponentials only of arguments bounded above. |margins| of 1e4,
+empty responses and average log-prob 0 give finite values and gradients (tests/test_losses.py).
 """
 
 import math
@@ -32,13 +41,22 @@ import math
 import torch
 import torch.nn.functional as F
 
-import configurator
-from errors import UserError
-from logprobs import average_logps
 
+def batch_mean(losses, weights=None):
+    """Mean of per-pair losses (B,), each weighted by `weights` (B,) when given (WPO; detached)."""
+    return losses.mean() if weights is None else (losses * weights).mean()
+
+
+def implicit_rewards(beta, pc, pr, rc, rr):
+    """DPO's implicit rewards beta * (policy - reference) of the chosen and the rejected responses, detached."""
+    return beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Pairwise, against a reference: functions of the margin h
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-             beta=0.1, label_smoothing=0.0):
+             beta=0.1, label_smoothing=0.0, weights=None):
     """Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290), sigmoid form.
 
         h      = (pc - rc) - (pr - rr)                 # = (chosen reward - rejected reward) / beta
@@ -51,24 +69,31 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     the implicit reward model is. Conservative DPO (cDPO, Mitchell 2023 note) assumes labels flip with
     probability eps, so the loss no longer drives h to infinity.
     beta sets the strength of the KL penalty towards the reference: larger beta = stay closer.
+    Fed per-token average log-probs it is length-normalised DPO (TRL's sigmoid_norm, our dpo_norm).
     Returns (loss: scalar batch mean, chosen_rewards: (B,), rejected_rewards: (B,))."""
-    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    h = (pc - rc) - (pr - rr)
     losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
-    return losses.mean(), chosen_rewards, rejected_rewards
+    return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
 
 
-def sft_loss(policy_chosen_logps, policy_chosen_n_tokens):
-    """Negative log-likelihood of the chosen responses, per token: -sum(pc) / sum(n_tokens).
-    dpo.py's `--loss_type=sft` uses it as the honest baseline (continued SFT on the verified answers of the
-    same pairs), and RPO adds it to a pairwise loss. Token-averaged over the batch as SFT is; an empty batch
-    gives 0, never 0/0."""
-    return -policy_chosen_logps.sum() / policy_chosen_n_tokens.sum().clamp(min=1)
+def robust_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.0, weights=None):
+    """Robust DPO, rDPO ("Provably Robust DPO: Aligning Language Models with Noisy Feedback", Chowdhury et al.
+    2024, arXiv:2403.00409): unbiased under labels flipped with probability eps = label_smoothing < 1/2.
+
+        loss = ((1 - eps) * -logsigmoid(beta h) - eps * -logsigmoid(-beta h)) / (1 - 2 eps)
+
+    Its expectation over the random flip is DPO's loss on the true label. cDPO averages the two labels' losses
+    and so stops at a finite margin; rDPO subtracts the flipped label's loss, so it never stops: the push on h
+    tends to beta eps / (1 - 2 eps) as h grows, not to 0. eps = 0 is DPO; ln 2 at h = 0. Summed log-probs."""
+    h = (pc - rc) - (pr - rr)
+    eps = label_smoothing
+    losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
 
 
 def ipo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, ref_chosen_avg_logps, ref_rejected_avg_logps,
-             beta=0.1):
+             beta=0.1, weights=None):
     """Identity Preference Optimisation ("A General Theoretical Paradigm to Understand Learning from Human
     Preferences", Azar et al. 2023, arXiv:2310.12036, eq. 17; beta is the paper's tau).
 
@@ -83,14 +108,13 @@ def ipo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, ref_chosen_avg_
     depend on response length. TRL therefore averages over tokens for IPO, which puts the margin on a
     per-token scale; we do the same. Smaller beta = larger target margin = further from the reference.
     Returns (loss: scalar, chosen_rewards: (B,), rejected_rewards: (B,))."""
-    h = (policy_chosen_avg_logps - ref_chosen_avg_logps) - (policy_rejected_avg_logps - ref_rejected_avg_logps)
-    losses = (h - 1 / (2 * beta)) ** 2
-    chosen_rewards = beta * (policy_chosen_avg_logps - ref_chosen_avg_logps).detach()
-    rejected_rewards = beta * (policy_rejected_avg_logps - ref_rejected_avg_logps).detach()
-    return losses.mean(), chosen_rewards, rejected_rewards
+    pc, pr, rc, rr = policy_chosen_avg_logps, policy_rejected_avg_logps, ref_chosen_avg_logps, ref_rejected_avg_logps
+    losses = ((pc - rc) - (pr - rr) - 1 / (2 * beta)) ** 2
+    return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
 
 
-def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1):
+def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
+               weights=None):
     """Hinge (SLiC-style) preference loss ("SLiC-HF: Sequence Likelihood Calibration with Human Feedback",
     Zhao et al. 2023, arXiv:2305.10425), written with DPO's reference-relative margin as TRL does.
 
@@ -100,12 +124,148 @@ def hinge_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref
 
     A pair stops contributing (zero gradient) once beta * h >= 1, i.e. the margin reaches 1/beta nats.
     Returns (loss: scalar, chosen_rewards: (B,), rejected_rewards: (B,))."""
-    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-    losses = F.relu(1 - beta * h)
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
-    return losses.mean(), chosen_rewards, rejected_rewards
+    pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    losses = F.relu(1 - beta * ((pc - rc) - (pr - rr)))
+    return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
 
+
+def exo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=1e-3, weights=None):
+    """EXO, pairwise ("Towards Efficient Exact Optimization of Language Model Alignment", Ji et al. 2024,
+    arXiv:2402.00856, eq. 16, as TRL's exo_pair): the REVERSE KL from the model's preference probability
+    p = sigmoid(beta h) to the labels' (1 - eps, eps), eps = label_smoothing > 0:
+
+        loss = p (log p - log(1 - eps)) + (1 - p) (log(1 - p) - log eps)          = KL(p || 1 - eps) >= 0
+
+    DPO minimises the forward KL (cross-entropy) from the labels to p, which is mean-seeking; EXO's reverse KL
+    is mode-seeking. Its minimum, 0, sits at beta h = log((1 - eps) / eps), 6.9 for TRL's eps = 1e-3 (used when
+    label_smoothing is 0): a finite target margin, as in cDPO. At h = 0 it is log(1/2) - log(eps (1 - eps)) / 2
+    (2.76 for 1e-3), not ln 2."""
+    if not 0 < label_smoothing < 1:
+        raise ValueError(f"exo_loss: label_smoothing must be in (0, 1), got {label_smoothing}")
+    h = (pc - rc) - (pr - rr)
+    log_p, log_q = F.logsigmoid(beta * h), F.logsigmoid(-beta * h)  # log p, log(1 - p)
+    losses = log_p.exp() * (log_p - math.log(1 - label_smoothing)) + log_q.exp() * (log_q - math.log(label_smoothing))
+    return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
+
+
+def discopop_loss(pc, pr, rc, rr, beta=0.1, tau=0.05, weights=None):
+    """DiscoPOP ("Discovering Preference Optimization Algorithms with and for Large Language Models", Lu et al.
+    2024, arXiv:2406.08414, eq. 5: the log-ratio modulated loss), found by an LLM proposing objectives and a
+    search keeping what trained best. A blend of DPO's logistic loss and an exponential loss, switched by the
+    sign of the margin over a width tau:
+
+        x = beta h,   m = sigmoid(x / tau)
+        loss = (1 - m) * -logsigmoid(x) + m * exp(-x)
+
+    Logistic for x << 0, exponential for x >> 0 (the two agree there to first order). exp(-x) >= -logsigmoid(x)
+    everywhere, so the switch adds a bump: with tau < 0.1 the loss RISES with x around 0 and has a local
+    minimum at a small negative margin (x near -0.12 for tau = 0.05), which notebook 01 draws. m * exp(-x) is
+    computed as exp(-x + logsigmoid(x / tau)), bounded by 1 for tau <= 1 (objectives checks 0 < tau <= 1).
+    (1 + ln 2) / 2 at h = 0."""
+    x = beta * ((pc - rc) - (pr - rr))
+    losses = torch.sigmoid(-x / tau) * -F.logsigmoid(x) + torch.exp(-x + F.logsigmoid(x / tau))
+    return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
+
+
+def aot_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.0, unpaired=False):
+    """AOT, alignment via optimal transport ("Distributional Preference Alignment of LLMs via Optimal
+    Transport", Melnyk et al. 2024, arXiv:2406.05882): asks the batch's DISTRIBUTION of scores to dominate
+    another in first order (every quantile higher), not each pair. In one dimension the optimal-transport plan
+    matches two samples in sorted order, so (sort = ascending, over the batch):
+
+        aot (paired):  u = sort(pc - pr),  v = sort(rc - rr)    # the policy's margins over the reference's
+        aot_unpaired:  u = sort(pc - rc),  v = sort(pr - rr)    # chosen log-ratios over rejected ones
+        loss = mean over k of -(1 - eps) logsigmoid(beta (u_k - v_k)) - eps logsigmoid(-beta (u_k - v_k))
+
+    eps = label_smoothing as in cDPO. The unpaired form never uses which chosen goes with which rejected.
+    "The batch" is whatever this function is given: dpo.py calls it once per micro-batch on each rank, so the
+    quantiles are those of one micro-batch's pairs (batch_size of them; batch_size / world_size when a
+    micro-batch is shared out over ranks) and nothing is gathered across micro-batches or ranks. Unlike every
+    other loss here, AOT therefore depends on the micro-batch size: more gradient accumulation or more ranks
+    with smaller micro-batches is another objective. No WPO weights: the sorted terms are not pairs.
+    ln 2 at policy = reference. Rewards: beta * (policy - ref) per response, unsorted."""
+    u, v = (pc - rc, pr - rr) if unpaired else (pc - pr, rc - rr)
+    delta = beta * (torch.sort(u).values - torch.sort(v).values)
+    losses = -(1 - label_smoothing) * F.logsigmoid(delta) - label_smoothing * F.logsigmoid(-delta)
+    return losses.mean(), *implicit_rewards(beta, pc, pr, rc, rr)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Pairwise, against a reference: each response's log-ratio judged on its own (not functions of h alone)
+
+def nca_loss(pc, pr, rc, rr, beta=0.1, weights=None):
+    """NCA, pairwise ("Noise Contrastive Alignment of Language Models with Explicit Rewards", Chen et al. 2024,
+    arXiv:2402.05369), as TRL's nca_pair:
+
+        r_c = beta (pc - rc),  r_r = beta (pr - rr)
+        loss = -logsigmoid(r_c) - (logsigmoid(-r_c) + logsigmoid(-r_r)) / 2
+
+    Each reward is scored on its own, not just their difference. The rejected reward is pushed down without
+    end, while the chosen one settles at r_c = ln 2 (where sigmoid(r_c) = 2/3): NCA holds the chosen answer's
+    likelihood ABOVE the reference's, where DPO lets it fall as long as the margin grows (the paper's point).
+    2 ln 2 at policy = reference. Summed log-probs."""
+    r_c, r_r = beta * (pc - rc), beta * (pr - rr)
+    losses = -F.logsigmoid(r_c) - 0.5 * F.logsigmoid(-r_c) - 0.5 * F.logsigmoid(-r_r)
+    return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
+
+
+def bco_loss(pc, pr, rc, rr, beta=0.1, delta=0.0, weights=None):
+    """BCO, pairwise ("Binary Classifier Optimization for Large Language Model Alignment", Jung et al. 2024,
+    arXiv:2404.04656): a logistic classifier whose logit is the implicit reward, chosen = class 1, rejected =
+    class 0, with the decision threshold delta (the reward shift):
+
+        r_c = beta (pc - rc),  r_r = beta (pr - rr)
+        loss = -logsigmoid(r_c - delta) - logsigmoid(-(r_r - delta))
+
+    Chosen is pushed up and rejected down, each on its own and without end. The paper keeps delta at the
+    running mean of all rewards seen (objectives.RunningMean, what dpo.py does), so the threshold follows the
+    rewards as they drift; delta = 0 is TRL 1.16's bco_pair. 2 ln 2 at policy = reference with delta = 0."""
+    r_c, r_r = beta * (pc - rc), beta * (pr - rr)
+    losses = -F.logsigmoid(r_c - delta) - F.logsigmoid(-(r_r - delta))
+    return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
+
+
+def sppo_hard_loss(pc, pr, rc, rr, beta=0.1, weights=None):
+    """SPPO with hard probabilities ("Self-Play Preference Optimization for Language Model Alignment", Wu et al.
+    2024, arXiv:2405.00675, eq. 4.7 with P(chosen wins) = 1 and P(rejected wins) = 0, as TRL's sppo_hard):
+
+        loss = (pc - rc - 1/(2 beta))**2 + (pr - rr + 1/(2 beta))**2          # summed log-probs
+
+    SPPO regresses each log-ratio onto eta (P(y wins) - 1/2), eta = 1/beta: the chosen one onto +1/(2 beta)
+    nats, the rejected one onto -1/(2 beta), separately (IPO regresses only their difference). Both answers
+    stop at a fixed distance from the reference, and a rejected answer pushed too far down is pulled back.
+    1/(2 beta^2) at policy = reference."""
+    losses = (pc - rc - 0.5 / beta) ** 2 + (pr - rr + 0.5 / beta) ** 2
+    return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
+
+
+def apo_zero_loss(pc, pr, rc, rr, beta=0.1, weights=None):
+    """APO-zero ("Anchored Preference Optimization and Contrastive Revisions", D'Oosterlinck et al. 2024,
+    arXiv:2408.06266, eq. 7). Anchored: each response's likelihood moves in a set direction.
+
+        loss = (1 - sigmoid(beta (pc - rc))) + sigmoid(beta (pr - rr))        # chosen up, rejected down
+
+    The right one when the chosen answers are BETTER than what the model would say itself, as on the embedded
+    task (the verified answer against the model's own mistake). Saturates both ways. 1 at policy = reference."""
+    losses = torch.sigmoid(-beta * (pc - rc)) + torch.sigmoid(beta * (pr - rr))  # 1 - sigmoid(x) = sigmoid(-x)
+    return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
+
+
+def apo_down_loss(pc, pr, rc, rr, beta=0.1, weights=None):
+    """APO-down (same paper, eq. 8):
+
+        loss = sigmoid(beta (pc - rc)) + (1 - sigmoid(beta ((pc - rc) - (pr - rr))))
+
+    pushes the chosen answer's likelihood DOWN, and the rejected one's further down so the margin still grows:
+    the right one when the model is already better than the chosen answers (e.g. chosen = a revision of a
+    weaker model's output), so that even the preferred data should not be imitated. On data whose chosen
+    answers are the ones to learn, it works against the task (README "Results"). 1 at policy = reference."""
+    losses = torch.sigmoid(beta * (pc - rc)) + torch.sigmoid(-beta * ((pc - rc) - (pr - rr)))
+    return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Pairwise, reference-free: the policy's own log-probs only
 
 def simpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, beta=2.0, gamma=0.5):
     """Simple Preference Optimization ("SimPO: Simple Preference Optimization with a Reference-Free Reward",
@@ -160,6 +320,9 @@ def orpo_loss(policy_chosen_avg_logps, policy_rejected_avg_logps, chosen_nll, la
     return loss, chosen_rewards, rejected_rewards, ratio.mean().detach(), log_odds.mean().detach()
 
 
+# -----------------------------------------------------------------------------------------------------------
+# Unpaired: single answers labelled desirable or not
+
 def kto_mismatched_indices(n):
     """For a micro-batch of n rows, the completion index each prompt is paired with for KTO's KL estimate:
     prompt i gets completion (i + 1) % n (a shift by one, so no row keeps its own completion when n >= 2;
@@ -199,76 +362,51 @@ def kto_loss(policy_logps, ref_logps, desirable, policy_kl_logps, ref_kl_logps, 
 
 
 # -----------------------------------------------------------------------------------------------------------
-# --loss_type: which loss, which options, which log-probs
+# Regularisers: the chosen answers' likelihood (SFT, RPO) and the divergence that defines the reward
 
-LOSS_TYPES = ("dpo", "ipo", "hinge", "simpo", "orpo", "kto", "sft")
-
-IN_USE = "set"  # an option counts as in use when the command line or a config file changed its default
-# option: (the losses it applies to, when it counts as in use, why not elsewhere). An option in use with any
-# other loss is an error naming it, never a silent no-op.
-LOSS_OPTIONS = {
-    "label_smoothing": (("dpo",), lambda v: v > 0, "it is conservative DPO's label-flip rate"),
-    "rpo_alpha": (("dpo", "ipo", "hinge", "simpo"), lambda v: v > 0,
-                  "it adds an NLL term; orpo and sft have one already, kto has no chosen answers"),
-    "reference_free": (("dpo", "ipo", "hinge"), bool, "simpo, orpo and sft never have a reference, kto needs one"),
-    "precompute_ref": (("dpo", "ipo", "hinge"), bool,
-                       "kto's KL term pairs completions across each batch; simpo, orpo and sft have no reference"),
-    "simpo_gamma": (("simpo",), IN_USE, "it is SimPO's target margin"),
-    "desirable_weight": (("kto",), IN_USE, "it weights KTO's desirable examples"),
-    "undesirable_weight": (("kto",), IN_USE, "it weights KTO's undesirable examples"),
-}
+def sft_loss(policy_chosen_logps, policy_chosen_n_tokens):
+    """Negative log-likelihood of the chosen responses, per token: -sum(pc) / sum(n_tokens).
+    dpo.py's `--loss_type=sft` uses it as the honest baseline (continued SFT on the verified answers of the
+    same pairs), and RPO adds it to a pairwise loss: loss = pairwise + rpo_alpha * sft_loss (Pang et al. 2024,
+    "Iterative Reasoning Preference Optimization", arXiv:2404.19733), which keeps the likelihood of the chosen
+    answers from falling while the margin grows; MPO (--loss_type=dpo+bco+sft) adds it as a weighted term.
+    Token-averaged over the batch as SFT is; an empty batch gives 0, never 0/0."""
+    return -policy_chosen_logps.sum() / policy_chosen_n_tokens.sum().clamp(min=1)
 
 
-def check_loss_options(cfg):
-    """One line for an unknown --loss_type, or for an option set with a loss it does nothing for."""
-    loss_type = cfg["loss_type"]
-    if loss_type not in LOSS_TYPES:
-        raise UserError(f"unknown loss_type '{loss_type}': expected one of {', '.join(LOSS_TYPES)}")
-    for option, (applies_to, in_use, why) in LOSS_OPTIONS.items():
-        value = cfg[option]
-        used = value != configurator.defaults.get(option, value) if in_use == IN_USE else in_use(value)
-        if used and loss_type not in applies_to:
-            names = applies_to[0] + " only" if len(applies_to) == 1 else (
-                ", ".join(applies_to[:-1]) + " and " + applies_to[-1])
-            raise UserError(f"{option} applies to {names}, not '{loss_type}' ({why})")
-    if cfg["precompute_ref"] and cfg["reference_free"]:
-        raise UserError("precompute_ref with reference_free: there is no reference to precompute")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js", "alpha")
+EXP_CAP = 20.0  # f_divergence's exponentials continue as their tangent line past e^20 (~5e8): finite, monotone
 
 
-def needs_reference(loss_type, reference_free=False):
-    """Whether the loss compares the policy with a reference model (simpo, orpo and sft never do)."""
-    return loss_type in ("dpo", "ipo", "hinge", "kto") and not reference_free
+def capped_exp(x):
+    """exp(x) up to x = EXP_CAP, then its tangent line there: the same value and slope at the joint, finite for
+    any x (a plain exp overflows float32 at x ~ 89, and the loss would be inf and its gradient NaN)."""
+    return torch.where(x > EXP_CAP, math.exp(EXP_CAP) * (1 + x - EXP_CAP), torch.exp(x.clamp(max=EXP_CAP)))
 
 
-def preference_loss(loss_type, pc, pr, rc, rr, nc, nr, beta, label_smoothing=0.0, simpo_gamma=0.5, rpo_alpha=0.0):
-    """The loss --loss_type names, on a batch of pairs, and its metrics (TRL's names).
-    pc, pr: the policy's summed log-probs of chosen / rejected; rc, rr: the reference's (0 for a uniform
-    reference); nc, nr: their token counts; all (B,). Averages per token are taken here for the losses that
-    want them. Returns (loss: scalar, {metric name: scalar tensor})."""
-    nll = sft_loss(pc, nc)  # the chosen answers' per-token NLL: sft's loss, ORPO's first term, RPO's addition
-    metrics = {"logps/chosen": pc.detach().mean(), "logps/rejected": pr.detach().mean()}
-    if loss_type == "sft":
-        return nll, {**metrics, "nll_loss": nll.detach()}
-    if loss_type == "dpo":
-        loss, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta, label_smoothing)
-    elif loss_type == "hinge":
-        loss, chosen_rewards, rejected_rewards = hinge_loss(pc, pr, rc, rr, beta)
-    elif loss_type == "ipo":  # IPO's target margin is per token: it takes average log-probs (see ipo_loss)
-        loss, chosen_rewards, rejected_rewards = ipo_loss(average_logps(pc, nc), average_logps(pr, nr),
-                                                          average_logps(rc, nc), average_logps(rr, nr), beta)
-    elif loss_type == "simpo":
-        loss, chosen_rewards, rejected_rewards = simpo_loss(average_logps(pc, nc), average_logps(pr, nr), beta,
-                                                            simpo_gamma)
-    elif loss_type == "orpo":
-        loss, chosen_rewards, rejected_rewards, log_odds_ratio, log_odds_chosen = orpo_loss(
-            average_logps(pc, nc), average_logps(pr, nr), nll, beta)
-        metrics.update({"nll_loss": nll.detach(), "log_odds_ratio": log_odds_ratio,
-                        "log_odds_chosen": log_odds_chosen})
-    else:
-        raise ValueError(f"preference_loss: no pairwise loss '{loss_type}' (kto's is in kto.py)")
-    if rpo_alpha > 0:
-        loss = loss + rpo_alpha * nll
-        metrics["nll_loss"] = nll.detach()
-    return loss, {**metrics, "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
-                  "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-                  "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean()}
+def f_divergence(logratios, kind="reverse_kl", alpha=0.5):
+    """The score psi(u) of a log-ratio u = log pi - log pi_ref that the Bradley-Terry term compares when the KL
+    penalty is another f-divergence ("Beyond Reverse KL: Generalizing Direct Preference Optimization with
+    Diverse Divergence Constraints", Wang et al. 2023, arXiv:2309.16240). With the penalty beta E[f(pi/pi_ref)]
+    the optimal policy's implicit reward is beta f'(pi/pi_ref), so the loss compares psi(u) = f'(e^u), shifted
+    here so that psi(0) = 0 (the shift cancels in h):
+
+        reverse_kl  f(x) = x log x                                 psi(u) = u                      (DPO)
+        forward_kl  f(x) = -log x                                  psi(u) = 1 - e^-u
+        js          f(x) = x log x - (x + 1) log((x + 1) / 2)      psi(u) = log 2 + logsigmoid(u)
+        alpha       f(x) = (x^(1-a) - (1-a) x - a) / (a (a - 1))   psi(u) = (1 - e^(-a u)) / a     (a = alpha > 0)
+
+    dpo.py uses h = psi(pc - rc) - psi(pr - rr) in place of DPO's margin in the sigmoid, hinge and IPO-style
+    losses. alpha -> 0 is reverse KL, alpha = 1 is forward KL (TRL's default alpha coefficient, 1.0). Forward KL
+    and small alpha penalise a log-ratio far below 0 (mass the policy removed) exponentially: mass-covering,
+    where reverse KL is mode-seeking; JS saturates for large u, capping how much one response's gain counts.
+    Finite for any input: e^-u grows as capped_exp, linearly past u = -EXP_CAP / alpha."""
+    if kind == "reverse_kl":
+        return logratios
+    if kind == "forward_kl":
+        return 1 - capped_exp(-logratios)
+    if kind == "js":
+        return math.log(2) + F.logsigmoid(logratios)
+    if kind == "alpha":
+        return (1 - capped_exp(-alpha * logratios)) / alpha
+    raise ValueError(f"f_divergence: unknown kind '{kind}', expected one of {F_DIVERGENCES}")

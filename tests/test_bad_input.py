@@ -35,9 +35,9 @@ SCRIPT_CASES = [
     ("negative_beta", "dpo.py", ["--beta=-0.1"], "beta=-0.1 makes no sense"),
     ("unknown_loss_type", "dpo.py", ["--loss_type=dpoo"], "unknown loss_type 'dpoo'"),
     ("rpo_alpha_with_kto", "dpo.py", ["--loss_type=kto", "--rpo_alpha=1.0"],
-     "rpo_alpha applies to dpo, ipo, hinge and simpo, not 'kto' (it adds an NLL term"),
+     "rpo_alpha applies to every loss but orpo, sft and kto, not 'kto' (it adds an NLL term"),
     ("label_smoothing_with_ipo", "dpo.py", ["--loss_type=ipo", "--label_smoothing=0.1"],
-     "label_smoothing applies to dpo only, not 'ipo'"),
+     "label_smoothing applies to dpo, robust, exo, aot and aot_unpaired, not 'ipo'"),
     ("kto_micro_batch_of_one", "dpo.py", ["--loss_type=kto", "--batch_size=1"], "micro-batches of >= 2 rows"),
     ("no_cuda", "sft.py", ["--device=cuda"], "no CUDA GPU"),
     ("no_mps", "sft.py", ["--device=mps"], "no Apple GPU (MPS)"),
@@ -59,9 +59,20 @@ SCRIPT_CASES = [
      "JSON parse error"),
     ("compile_not_bool", "dpo.py", ["--compile=yes"], "compile='yes' makes no sense"),
     ("kto_precompute_ref", "dpo.py", ["--loss_type=kto", "--precompute_ref=True"],
-     "precompute_ref applies to dpo, ipo and hinge, not 'kto' (kto's KL term pairs completions across each batch"),
+     "precompute_ref applies to every loss but simpo, orpo, sft and kto, not 'kto' (kto's KL term pairs "
+     "completions across each batch"),
     ("simpo_reference_free", "dpo.py", ["--loss_type=simpo", "--reference_free=True"],
-     "reference_free applies to dpo, ipo and hinge, not 'simpo'"),
+     "reference_free applies to dpo, dpo_norm, ipo, hinge, robust, exo, discopop and aot, not 'simpo'"),
+    # the loss family's options (objectives.LOSS_OPTIONS); more of them in-process below
+    ("trl_loss_name", "dpo.py", ["--loss_type=sigmoid"], "unknown loss_type 'sigmoid' (TRL's 'sigmoid' is our 'dpo')"),
+    ("loss_weights_do_not_fit", "dpo.py", ["--loss_type=dpo+bco+sft", "--loss_weights=0.8,0.2"],
+     "loss_weights='0.8,0.2' has 2 weight(s) for the 3 loss(es) of 'dpo+bco+sft'"),
+    ("ld_alpha_with_an_sft_term", "dpo.py", ["--loss_type=dpo+sft", "--ld_alpha=0.5"],
+     "ld_alpha applies to every loss but dpo_norm, ipo, simpo, orpo, sft and kto, not 'dpo+sft'"),
+    ("ref_sync_with_precompute_ref", "dpo.py", ["--ref_sync_steps=10", "--precompute_ref=True"],
+     "ref_sync_steps moves the reference during training: with precompute_ref there is no reference model to move"),
+    ("use_weighting_with_aot", "dpo.py", ["--loss_type=aot", "--use_weighting=True"],
+     "use_weighting applies to every loss but aot, aot_unpaired, simpo, orpo, sft and kto, not 'aot' (WPO weights"),
     # offline (the tests set HF_HUB_OFFLINE): transformers cannot fetch the weights, and says so in one line
     ("gpt2_weights_offline", "sft.py", ["--init_from=gpt2", "--tokenizer=gpt2", "--max_iters=1"], "could not load GPT-2"),
 ]
@@ -148,6 +159,11 @@ BAD_CONFIGS = [
     ({"n_embd": 30, "n_head": 4}, "n_embd=30 is not divisible by n_head=4"),
     ({"dtype": "float64"}, "dtype='float64'"),
     ({"desirable_weight": 0.0}, "desirable_weight=0.0"),
+    ({"discopop_tau": 2.0}, "discopop_tau=2.0"),
+    ({"ld_alpha": 1.5}, "ld_alpha=1.5"),
+    ({"ref_mixup_alpha": 0.0}, "ref_mixup_alpha=0.0"),
+    ({"ref_sync_steps": -1}, "ref_sync_steps=-1"),
+    ({"f_alpha_divergence_coef": 0.0}, "f_alpha_divergence_coef=0.0"),
 ]
 
 
@@ -171,6 +187,47 @@ def test_bad_overrides_exit_with_one_line(argv, match):
         apply_overrides(dict(settings), argv)
     message = str(info.value.code)
     assert message.startswith("error: ") and "\n" not in message and match in message, message
+
+
+def dpo_config(*argv):
+    """dpo.py's settings with argv applied, as the script has them when it checks them (configurator.defaults
+    set, so options 'in use when set' are recognised)."""
+    from test_configs import script_defaults
+    return apply_overrides(script_defaults(os.path.join(REPO, "dpo.py")), list(argv))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--loss_type=dpo+dpo"], "loss_type 'dpo+dpo' names a loss twice"),
+    (["--loss_type=dpo+kto"], "kto learns from unpaired examples, it cannot join pairwise losses"),
+    (["--loss_type=dpo+bco", "--loss_weights=1,x"], "loss_weights='1,x': expected numbers separated by commas"),
+    (["--loss_type=dpo+bco", "--loss_weights=1,-1"], "weights must be finite, >= 0 and not all 0"),
+    (["--loss_type=nca", "--label_smoothing=0.1"], "label_smoothing applies to dpo, robust, exo, aot and aot_unpaired"),
+    (["--loss_type=dpo", "--discopop_tau=0.1"], "discopop_tau applies to discopop only, not 'dpo'"),
+    (["--loss_type=dpo", "--bco_running_delta=False"], "bco_running_delta applies to bco only, not 'dpo'"),
+    (["--loss_type=nca", "--f_divergence_type=js"], "f_divergence_type applies to dpo, dpo_norm, ipo, hinge"),
+    (["--f_divergence_type=js_divergence"], "unknown f_divergence_type 'js_divergence' (TRL's 'js_divergence' is our"),
+    (["--f_alpha_divergence_coef=0.3"], "f_alpha_divergence_coef applies to f_divergence_type='alpha' only"),
+    (["--loss_type=ipo", "--ld_alpha=0.5"], "ld_alpha applies to every loss but dpo_norm, ipo"),
+    (["--ld_alpha=0.5", "--rpo_alpha=1.0"], "ld_alpha with rpo_alpha: RPO's NLL would read the length-discounted"),
+    (["--loss_type=simpo", "--ref_sync_steps=5"], "ref_sync_steps applies to every loss but simpo, orpo and sft"),
+    (["--ref_sync_steps=5", "--reference_free=True"], "with reference_free there is no reference model to move"),
+    (["--ref_mixup_alpha=0.5"], "ref_mixup_alpha applies only with ref_sync_steps > 0 (TR-DPO)"),
+    (["--loss_type=sft", "--use_weighting=True"], "use_weighting applies to every loss but"),
+], ids=lambda v: "_".join(a.split("=")[0].lstrip("-") for a in v) if isinstance(v, list) else None)
+def test_loss_options_that_do_not_apply(argv, match):
+    from objectives import check_loss_options
+    one_line_error(check_loss_options, dpo_config(*argv), match=match)
+
+
+def test_loss_options_that_apply_pass():
+    """The control: the same options where they apply raise nothing."""
+    from objectives import check_loss_options
+    for argv in (["--loss_type=dpo+bco+sft", "--loss_weights=0.8,0.2,1.0", "--label_smoothing=0.1"],
+                 ["--loss_type=discopop", "--discopop_tau=0.1", "--use_weighting=True", "--ld_alpha=0.5"],
+                 ["--f_divergence_type=alpha", "--f_alpha_divergence_coef=0.3", "--ref_sync_steps=5",
+                  "--ref_mixup_alpha=0.5"], ["--loss_type=bco", "--bco_running_delta=False"],
+                 ["--loss_type=aot_unpaired", "--label_smoothing=0.1", "--precompute_ref=True"]):
+        check_loss_options(dpo_config(*argv))
 
 
 def test_text_file_as_checkpoint(tmp_path):

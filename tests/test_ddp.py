@@ -1,6 +1,6 @@
 """DDP (and FSDP2) are world-size invariant: 2 processes (torchrun, gloo) log the same losses as 1 process with
-twice the gradient accumulation; uneven held-out shards do not hang; torch.compile trains without recompiling after the
-first step."""
+twice the gradient accumulation, also with a reference that moves (TR-DPO); uneven held-out shards do not hang;
+torch.compile trains without recompiling after the first step."""
 
 import json
 import os
@@ -68,6 +68,14 @@ def ddp_runs(tmp_path_factory, repo_root, script_env):
     out["dpo_fsdp"] = str(root / "dpo_fsdp")
     run(["dpo.py", *TINY_DPO, "--gradient_accumulation_steps=2", "--fsdp=True",
          f"--sft_ckpt={root / 'sft_one' / 'ckpt.pt'}", f"--out_dir={out['dpo_fsdp']}"], repo_root, script_env, 2)
+    # TR-DPO: the reference moves every 2 steps, in one process, under DDP (a full copy per rank) and under FSDP2
+    # (each rank mixes its own shards)
+    sync = ["--ref_sync_steps=2", "--ref_mixup_alpha=0.5", "--gradient_accumulation_steps=2"]
+    fsdp_ckpts = ["--fsdp=True", "--checkpoint_interval=2", "--keep_last=10"]
+    for name, nproc, extra in (("sync_one", 1, []), ("sync_ddp", 2, []), ("sync_fsdp", 2, fsdp_ckpts)):
+        out[name] = str(root / name)
+        run(["dpo.py", *TINY_DPO, *sync, *extra, f"--sft_ckpt={root / 'sft_one' / 'ckpt.pt'}",
+             f"--out_dir={out[name]}"], repo_root, script_env, nproc)
     return out
 
 
@@ -124,3 +132,40 @@ def test_compile_does_not_recompile_after_warmup(repo_root, script_env, tmp_path
                  timeout=600)
     assert "torch.compile: first step took" in stdout
     assert "torch.compile: 0 recompiles after the first step" in stdout, stdout[-1500:]
+
+
+@pytest.mark.parametrize("name", ["sync_ddp", "sync_fsdp"])
+def test_tr_dpo_moves_the_reference_alike_under_ddp_and_fsdp(ddp_runs, name):
+    assert_same_losses(ddp_runs["sync_one"], ddp_runs[name], ["loss", "rewards/chosen", "rewards/rejected",
+                                                              "grad_norm"])
+    import torch
+    one = torch.load(os.path.join(ddp_runs["sync_one"], "ckpt.pt"), weights_only=True)
+    other = torch.load(os.path.join(ddp_runs[name], "ckpt.pt"), weights_only=True)
+    assert one["reference_syncs"] == other["reference_syncs"] == 3
+    assert one["reference"].keys() == other["reference"].keys()  # gathered from the shards: a plain state dict
+    assert max((one["reference"][k] - other["reference"][k]).abs().max().item() for k in one["reference"]) < 1e-5
+    # and it moved: the synced runs' losses part from plain DPO's after the first sync
+    plain = records(ddp_runs["dpo_one"], "loss")
+    assert abs(plain[2]["loss"] - records(ddp_runs[name], "loss")[2]["loss"]) > 1e-4
+
+
+def test_tr_dpo_resume_under_fsdp_is_exact(ddp_runs, repo_root, script_env, tmp_path):
+    """Resumed from the FSDP2 run's checkpoint of iter 4 (after two syncs), the sharded reference is rebuilt from
+    the checkpoint's full weights and the run continues as it went."""
+    import json
+    import shutil
+
+    import torch
+    full = ddp_runs["sync_fsdp"]
+    shutil.copy(os.path.join(full, "ckpt_0000004.pt"), tmp_path / "ckpt.pt")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["reference_syncs"] == 2
+    with open(os.path.join(full, "metrics.jsonl")) as f, open(tmp_path / "metrics.jsonl", "w") as out:
+        out.writelines(line for line in f if json.loads(line)["iter"] < 4)
+    run(["dpo.py", *TINY_DPO, "--ref_sync_steps=2", "--ref_mixup_alpha=0.5", "--gradient_accumulation_steps=2",
+         "--fsdp=True", "--init_from=resume", f"--out_dir={tmp_path}"], repo_root, script_env, 2)
+    a, b = records(full, "loss"), records(str(tmp_path), "loss")
+    assert [r["iter"] for r in a] == [r["iter"] for r in b] and a[-1]["loss"] != a[3]["loss"]
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=0), ra["iter"]
+    one, other = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True)["reference"] for d in (full, tmp_path))
+    assert max((one[k] - other[k]).abs().max().item() for k in one) < 1e-6

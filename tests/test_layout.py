@@ -12,8 +12,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # lowest first: a module may import only modules listed before it (the README's "import downwards only")
-LAYERS = ["errors", "configurator", "model", "lora", "data", "tasks", "formats", "logprobs", "losses", "runtime", "optim",
-          "logger", "evaluation", "checkpoint", "kto"]
+LAYERS = ["errors", "configurator", "model", "lora", "data", "tasks", "formats", "logprobs", "losses", "runtime",
+          "objectives", "optim", "logger", "evaluation", "checkpoint", "reference", "kto"]
 SCRIPTS = ["sft.py", "dpo.py", "sample.py", "export_hf.py", "bench.py", "bench_memory.py", "bench_threads.py",
            "plot.py"]
 
@@ -79,7 +79,7 @@ def test_the_readme_line_numbers_point_at_what_they_name():
     dpo = open(os.path.join(REPO, "dpo.py")).read().splitlines()
 
     # "`name` (line N)" in the text: line N of losses.py or logprobs.py defines `name`
-    sources = {f: open(os.path.join(REPO, f)).read().splitlines() for f in ("losses.py", "logprobs.py")}
+    sources = {f: open(os.path.join(REPO, f)).read().splitlines() for f in ("losses.py", "logprobs.py", "objectives.py")}
     cited = re.findall(r"`(\w+)` \(line (\d+)\)", section)
     assert len(cited) >= 4
     for name, line in cited:

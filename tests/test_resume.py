@@ -143,6 +143,36 @@ def test_dpo_resume_is_exact(sft_full, tmp_path, script_env):
     assert checkpoint.load_checkpoint(os.path.join(resumed, "ckpt.pt"))["config"]["sft_ckpt"] == sft_ckpt
 
 
+def test_dpo_resume_across_a_reference_sync_is_exact(sft_full, tmp_path, script_env):
+    """TR-DPO (the reference moves after steps 3 and 6) with BCO (a running mean of the rewards): resumed from the
+    checkpoint of iter 4, after the first sync, the run continues with the moved reference and the mean as they
+    were. A control resumed from the same checkpoint without them must differ, so the comparison can fail."""
+    args = DPO_ARGS + ["--loss_type=bco", "--ref_sync_steps=3", "--ref_mixup_alpha=0.5"]
+    full, resumed, control = tmp_path / "full", tmp_path / "resumed", tmp_path / "control"
+    run_script("dpo.py", args + [f"--out_dir={full}", f"--sft_ckpt={sft_full / 'ckpt.pt'}"], tmp_path, script_env)
+    before, after = (checkpoint.load_checkpoint(str(full / f"ckpt_{k:07d}.pt")) for k in (2, 4))
+    assert "reference" not in before and after["reference_syncs"] == 1  # saved once it has moved
+    sft = checkpoint.load_checkpoint(str(sft_full / "ckpt.pt"))["model"]
+    assert not torch.equal(after["reference"]["lm_head.weight"], sft["lm_head.weight"])
+    assert after["bco_running_delta"]["count"] == 4 * 8 * 2  # 4 steps of 8 pairs, two rewards each
+    prepare_resume(full, resumed, 4)
+    out = run_script("dpo.py", args + [f"--out_dir={resumed}", "--init_from=resume"], tmp_path, script_env)
+    assert "from iter 4" in out
+    assert_same_metrics(full, resumed)
+    assert_same_final_state(full, resumed)
+    a, b = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (full, resumed))
+    assert a["reference_syncs"] == b["reference_syncs"] == 2 and a["bco_running_delta"] == b["bco_running_delta"]
+    assert all(torch.equal(a["reference"][k], b["reference"][k]) for k in a["reference"])
+    # the control: the same checkpoint without the moved reference and the running mean
+    prepare_resume(full, control, 4)
+    ckpt = torch.load(control / "ckpt.pt", weights_only=True)
+    for key in ("reference", "reference_syncs", "bco_running_delta"):
+        del ckpt[key]
+    torch.save(ckpt, control / "ckpt.pt")
+    run_script("dpo.py", args + [f"--out_dir={control}", "--init_from=resume"], tmp_path, script_env)
+    assert read_metrics(control)[-2]["loss"] != pytest.approx(read_metrics(full)[-2]["loss"], rel=1e-6)
+
+
 def test_dpo_from_scratch_resume_is_exact(tmp_path, script_env):
     """One-stage ORPO from random weights (no SFT checkpoint, no reference): resumed with neither the model's
     shape nor the task's size on the command line, they come from the run's own checkpoint."""
