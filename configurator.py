@@ -145,6 +145,8 @@ RULES = {  # key: (holds for a sensible value, what the line says is expected)
     "threads": (lambda v: v >= 0, ">= 0 (0 = the default)"),
     "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "'auto', 'float32', 'bfloat16' or 'float16'"),
     "compile": (lambda v: v in (True, False), "True, False or None (on with CUDA)"),
+    "logprobs": (lambda v: v in ("chunked", "plain"), "'chunked' or 'plain'"),
+    "logprob_chunk": (lambda v: v >= 1, ">= 1"),
 }
 
 

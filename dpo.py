@@ -71,6 +71,8 @@ rpo_alpha = 0.0           # > 0: add rpo_alpha * NLL of the chosen response to a
 precompute_ref = False    # one no-grad pass computes the reference log-probs, then the reference is freed
 prefix_sharing = False    # one row [prompt | chosen | rejected] per pair: the shared prompt is computed once
 attention = "auto"        # prefix-shared rows: 'flex' (FlexAttention), 'sdpa' (boolean mask), 'auto' = flex on CUDA
+logprobs = "chunked"      # 'chunked': the LM head only at response positions, in chunks; 'plain': logits everywhere
+logprob_chunk = 1024      # chunked: rows of logits made at a time (extra memory ~ chunk x vocab x 4 bytes)
 # data: the embedded task (default), or a dataset (README: "Your own data")
 dataset = ""              # '' = pairs built on the embedded task; else a hub name or a local .jsonl/.json/.parquet
                           # of pairs (trl, hh, ultrafeedback, ...), unpaired kto rows, or solutions (gsm8k)
@@ -185,7 +187,8 @@ if rt.master:
 # (the default); a table computed once before training, after which the model is freed (--precompute_ref); or
 # nowhere, a uniform reference whose log-probs are 0 (--reference_free, and the losses that never use a reference)
 layout = dict(pad_id=tok.pad_id, block_size=block_size, device=rt.device,  # how rows become padded batches:
-              multiple=16 if compile else 1)  # with compile, lengths padded to a multiple of 16 (fewer graphs)
+              multiple=16 if compile else 1,  # with compile, lengths padded to a multiple of 16 (fewer graphs)
+              logprobs=logprobs, chunk=logprob_chunk)  # and the log-prob path (logprobs.py)
 if prefix_sharing:  # one packed row [prompt | chosen | rejected] per pair: the prompt runs once
     pair_logps, count_tokens = partial(prefix_shared_logps, **layout, flex=use_flex), prefix_shared_tokens
 else:  # the concatenated forward (logprobs.concatenated_logps): chosen and rejected rows in one batch of 2B

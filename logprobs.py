@@ -7,7 +7,16 @@ Log-probabilities of responses, the quantity every preference loss is a function
     concatenated_logps   a model + pairs -> chosen and rejected log-probs from ONE forward over 2B rows
     prefix_shared_logps  the same from B packed rows [prompt | chosen | rejected]: the prompt runs once
                          (packed_row_logps: the same from such rows' logits)
-    completion_logps     a model + (prompt, completion) rows -> summed log-probs (KTO's unpaired rows)
+    completion_logps     a model + (prompt, completion) rows -> summed log-probs and token counts (SFT, KTO)
+
+Two paths give the same numbers (--logprobs in sft.py and dpo.py):
+    plain    the reference implementation, the one to read first: logits at every position, (B, T, V), then
+             token_logps and summed_logps. Half of a typical row is prompt, whose log-probs are thrown away, and
+             at GPT-2's 50,257 tokens each (B, T, V) float32 copy is the largest tensor of the step.
+    chunked  scored_columns picks, per row, the K columns whose target a mask counts (response tokens and EOS);
+             the model's forward (score=...) gathers their hidden states and model.target_logps turns them into
+             log p(target) a chunk of rows at a time, recomputing a chunk's logits in backward instead of keeping
+             them. The LM head runs at K of T positions, and the extra memory is O(chunk x V).
 
 Naming, as everywhere in this repo: *_logps are summed over a response's tokens + EOS, (B,); *_avg_logps are
 those divided by the token count. Log-probs are float32 whatever the autocast dtype: losses take differences
@@ -40,26 +49,36 @@ def average_logps(logps, n_tokens):
     return logps / n_tokens.clamp(min=1)
 
 
-def concatenated_logps(model, pairs, pad_id, block_size, device, multiple=1):
+def concatenated_logps(model, pairs, pad_id, block_size, device, multiple=1, logprobs="plain", chunk=1024):
     """Pairs [(prompt_ids, chosen_ids, rejected_ids)] -> (chosen_logps, rejected_logps, chosen_n, rejected_n),
     (B,) each, from ONE forward of `model` over 2B right-padded rows, chosen first then rejected (the
-    'concatenated forward'). multiple: pad the length up to a multiple of it (for torch.compile's shapes)."""
+    'concatenated forward'). multiple: pad the length up to a multiple of it (for torch.compile's shapes).
+    logprobs: 'plain' or 'chunked' (the module docstring); chunk: rows of logits at a time, chunked only."""
     T = max(len(p) + max(len(c), len(r)) for p, c, r in pairs) - 1
     idx, targets, mask = collate_pairs(pairs, pad_id, padded_length(T, block_size, multiple))  # (2B, T) each
-    logits, _ = model(idx.to(device))  # (2B, T, V)
-    logps, n_tokens = summed_logps(token_logps(logits, targets.to(device)), mask.to(device))  # (2B,) each
+    if _chunked(logprobs):  # the same numbers, the LM head only where mask = 1
+        logps, n_tokens = chunked_logps(model, {"idx": idx, "targets": targets, "mask": mask}, device, chunk,
+                                        multiple)["mask"]
+    else:
+        logits, _ = model(idx.to(device))  # (2B, T, V)
+        logps, n_tokens = summed_logps(token_logps(logits, targets.to(device)), mask.to(device))  # (2B,) each
     B = len(pairs)
     return logps[:B], logps[B:], n_tokens[:B], n_tokens[B:]
 
 
-def prefix_shared_logps(model, pairs, pad_id, block_size, device, multiple=1, flex=False):
+def prefix_shared_logps(model, pairs, pad_id, block_size, device, multiple=1, flex=False, logprobs="plain",
+                        chunk=1024):
     """The same four (B,) tensors as concatenated_logps, from B packed rows [prompt | chosen | rejected]: an
     attention mask keeps the two branches apart and position ids restart after the prompt, so every token sees
     what it sees in its plain row (data.collate_prefix_shared draws the layout). flex: the mask as a
     FlexAttention BlockMask (GPUs), else a boolean mask for SDPA."""
     T = max(len(p) + len(c) + len(r) - 2 for p, c, r in pairs)
-    batch = {k: v.to(device) for k, v in
-             collate_prefix_shared(pairs, pad_id, padded_length(T, 2 * block_size, multiple)).items()}
+    batch = collate_prefix_shared(pairs, pad_id, padded_length(T, 2 * block_size, multiple))
+    if _chunked(logprobs):
+        sums = chunked_logps(model, batch, device, chunk, multiple, flex)
+        (chosen_logps, chosen_n), (rejected_logps, rejected_n) = sums["chosen_mask"], sums["rejected_mask"]
+        return chosen_logps, rejected_logps, chosen_n, rejected_n
+    batch = {k: v.to(device) for k, v in batch.items()}
     mask = block_mask(batch["attn_mask"]) if flex else batch["attn_mask"]  # (B, 1, T, T) bool
     logits, _ = model(batch["idx"], pos=batch["pos"], attn_mask=mask)  # (B, T, V)
     return packed_row_logps(logits, batch)
@@ -77,12 +96,67 @@ def packed_row_logps(logits, batch):
     return chosen_logps, rejected_logps + first_logps, chosen_n, rejected_n + 1
 
 
-def completion_logps(model, seqs, pad_id, block_size, device, multiple=1):
-    """Summed log-probs of [(prompt_ids, completion_ids)] rows, (B,): KTO's unpaired examples."""
+def completion_logps(model, seqs, pad_id, block_size, device, multiple=1, logprobs="plain", chunk=1024):
+    """[(prompt_ids, completion_ids)] rows -> (summed log-probs, token counts), (B,) each: SFT's rows, KTO's
+    unpaired examples."""
     T = max(len(p) + len(r) for p, r in seqs) - 1
     idx, targets, mask = collate(seqs, pad_id, padded_length(T, block_size, multiple))
+    if _chunked(logprobs):
+        return chunked_logps(model, {"idx": idx, "targets": targets, "mask": mask}, device, chunk, multiple)["mask"]
     logits, _ = model(idx.to(device))
-    return summed_logps(token_logps(logits, targets.to(device)), mask.to(device))[0]
+    return summed_logps(token_logps(logits, targets.to(device)), mask.to(device))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The chunked path
+
+MASKS = ("mask", "chosen_mask", "rejected_mask")  # the masks a collated batch may have (data.py)
+
+
+def _chunked(logprobs):
+    if logprobs not in ("chunked", "plain"):
+        raise ValueError(f"logprobs='{logprobs}': expected 'chunked' or 'plain'")
+    return logprobs == "chunked"
+
+
+def scored_columns(batch, multiple=1):
+    """A collated CPU batch (data.collate, collate_pairs or collate_prefix_shared) -> the same batch seen only
+    where a target is scored: cols (B, K), each row's columns where some mask is 1, in order, right-padded to the
+    longest row's count (rounded up to `multiple`, for torch.compile's shapes) with columns no mask counts; the
+    targets and every mask gathered at cols, (B, K) too. For example, a collated row
+
+        column   0   1   2   3   4   5
+        targets  p1  p2  c0  c1  E   pad      ->  cols 2 3 4, targets c0 c1 E, mask 1 1 1
+        mask     0   0   1   1   1   0
+
+    A packed row's first rejected token, predicted from the last prompt column (first_index), becomes one more
+    column at the end, counted by rejected_mask: the hidden state of that column is gathered twice."""
+    masks = [k for k in MASKS if k in batch]
+    scored = sum(batch[k] for k in masks) > 0  # (B, T) bool
+    K = padded_length(int(scored.sum(1).max()), scored.size(1), multiple)
+    cols = torch.argsort((~scored).int(), dim=1, stable=True)[:, :K]  # scored columns first, in their order
+    out = dict(batch, cols=cols, targets=batch["targets"].gather(1, cols),
+               **{k: batch[k].gather(1, cols) for k in masks})  # padding slots: unscored columns, all masks 0
+    if "first_index" in batch:
+        ones = torch.ones(cols.size(0), 1)
+        out["cols"] = torch.cat([cols, batch["first_index"][:, None]], 1)  # (B, K + 1)
+        out["targets"] = torch.cat([out["targets"], batch["first_target"][:, None]], 1)
+        out["chosen_mask"] = torch.cat([out["chosen_mask"], 0 * ones], 1)
+        out["rejected_mask"] = torch.cat([out["rejected_mask"], ones], 1)
+    return out
+
+
+def chunked_logps(model, batch, device, chunk, multiple=1, flex=False):
+    """The chunked path for a collated CPU batch -> {mask name: (summed log-probs, token counts)}, each (B,), the
+    numbers summed_logps gives on the plain path. The model's forward gathers the hidden states at the scored
+    columns and runs the LM head there only, `chunk` rows at a time (model.GPT.forward's `score`)."""
+    batch = {k: v.to(device) for k, v in scored_columns(batch, multiple).items()}
+    attn_mask = batch.get("attn_mask")  # prefix-shared rows: (B, 1, T, T) bool
+    if flex and attn_mask is not None:
+        attn_mask = block_mask(attn_mask)
+    per_token, _ = model(batch["idx"], pos=batch.get("pos"), attn_mask=attn_mask,
+                         score=(batch["cols"], batch["targets"]), chunk=chunk)  # (B, K), float32
+    return {k: summed_logps(per_token, batch[k]) for k in MASKS if k in batch}
 
 
 # Tokens each layout runs through the model per pair (padding not counted): for tok/s and MFU on stdout
