@@ -12,13 +12,11 @@ faster DPO configurations buy? Times, after warm-up, kinds of optimizer step on 
   <kind>_chunked      each of the above with --logprobs=chunked (logprobs.py): the LM head only at the response
                       positions, log-probs a chunk of logit rows at a time; the plain kinds make logits everywhere
 
-and the peak memory of one step of each kind, after a warm-up step (so AdamW's state exists): on CUDA
-torch.cuda.max_memory_allocated, reset before the step; on a CPU the peak RSS of a fresh process running only that
-kind (bench.py --memory_kind=...), its peak mark reset after set-up and warm-up (measure.py says how).
+and the peak memory of one step of each kind after a warm-up step: on CUDA max_memory_allocated, reset before the
+step; on a CPU the peak RSS of a fresh process running that kind alone, its peak mark reset before (measure.py).
 
-and then generation (what building on-policy pairs and task evaluation run): the B prompts continued greedily
-by response_len - 1 tokens with model.generate, with its KV cache and without (every step re-running the
-sequence), the outputs checked equal.
+and generation (what building on-policy pairs and task evaluation run): the B prompts continued greedily by
+response_len - 1 tokens with model.generate, with its KV cache and without, the outputs checked equal.
 
 Every step is what dpo.py / sft.py run: model.GPT, optim.configure_optimizer (AdamW), losses.dpo_loss /
 losses.sft_loss, data.collate_pairs / data.collate_prefix_shared, gradient clipping at 1.0. Batches are collated
@@ -35,7 +33,8 @@ $ python bench.py --size=tiny --steps=20
 $ python bench.py --size=small --steps=20 --out=out/bench_small.json
 $ python bench.py --size=gpt2 --device=cuda --batch_size=8 --prompt_len=256 --response_len=256 --compile=True
 $ python bench.py --size=gpt2 --device=cpu --batch_size=8 --prompt_len=256 --response_len=256 --timing=False \
-      --kinds=sft,dpo_live,dpo_live_chunked     # peak memory only
+      --kinds=sft,dpo_live,dpo_live_chunked     # the peak memory per step kind only
+$ python bench.py --memory=True --size=gpt2   # peak memory: full vs LoRA, +/- activation checkpointing (bench_memory)
 
 Memory allocator (CPU): glibc's malloc serves blocks above its mmap threshold (128 KiB, rising to at most 32 MiB)
 with mmap and returns freed memory above its trim threshold, so a step's large activations are page-faulted in
@@ -68,7 +67,7 @@ from functools import partial
 import torch
 
 import runtime
-from configurator import apply_overrides
+from configurator import apply_overrides, overridden
 from data import collate, collate_pairs, collate_prefix_shared
 from logger import measure_matmul_flops, peak_flops
 from logprobs import packed_row_logps, scored_columns, summed_logps, token_logps
@@ -93,9 +92,12 @@ generation = True         # also time model.generate with and without its KV cac
 logprob_chunk = 1024      # the *_chunked kinds: rows of logits made at a time
 kinds = ""                # comma-separated step kinds to run ('' = all of KINDS; timing needs sft and dpo_live)
 timing = True             # False: only the peak memory per kind (no timing, generation or targets)
-memory = True             # peak memory per kind (CUDA: in this run; CPU: a fresh process per kind)
-memory_kind = ""          # (set by bench.py itself: the kind a fresh process measures the memory of)
+peak_memory = True        # the peak memory of a step of each kind (CUDA: in this run; CPU: a fresh process per kind)
+peak_memory_kind = ""     # (set by bench.py itself: the kind a fresh process measures the peak memory of)
 out = "out/bench.json"    # '' = print only
+memory = False            # True: the memory benchmark instead (bench_memory.py: full vs LoRA, +/- checkpointing)
+lora_rank = 8             # memory benchmark: the adapters' rank
+logprobs = "plain"        # memory benchmark: the log-prob path, 'plain' or 'chunked' (logprob_chunk rows at a time)
 # -----------------------------------------------------------------------------------------------------------
 config = apply_overrides(globals())
 # -----------------------------------------------------------------------------------------------------------
@@ -105,14 +107,13 @@ SIZES = {
     "tiny": (2, 2, 64, 260, 64, 16, 16, 16),
     "small": (6, 6, 384, 260, 128, 16, 64, 64),
     "gpt2": (12, 12, 768, 50304, 1024, 8, 256, 256),  # GPT-2 124M, vocab padded to a multiple of 64
+    "gpt2-medium": (24, 16, 1024, 50304, 1024, 8, 256, 256),  # GPT-2 355M's shape
 }
-# dense bf16 peak FLOP/s per GPU (no sparsity), matched against torch.cuda.get_device_name()
 KINDS = ["sft", "dpo_live", "dpo_precomputed", "prefix_live", "prefix_precomputed"]
 KINDS += [k + "_chunked" for k in KINDS]  # the same steps with --logprobs=chunked
-if kinds:
-    if not set(kinds.split(",")) <= set(KINDS) or timing and not {"sft", "dpo_live"} <= set(kinds.split(",")):
-        sys.exit(f"error: kinds='{kinds}': choose from {', '.join(KINDS)} (timing needs sft and dpo_live)")
-    KINDS = [k for k in KINDS if k in kinds.split(",")]
+if kinds and (not set(kinds.split(",")) <= set(KINDS) or timing and not {"sft", "dpo_live"} <= set(kinds.split(","))):
+    sys.exit(f"error: kinds='{kinds}': choose from {', '.join(KINDS)} (timing needs sft and dpo_live)")
+KINDS = [k for k in KINDS if not kinds or k in kinds.split(",")]
 DPO_KINDS = [k for k in KINDS if k not in ("sft", "sft_chunked")]
 
 if size not in SIZES:
@@ -121,6 +122,11 @@ n_layer, n_head, n_embd, vocab_size, block_size, B0, P0, R0 = SIZES[size]
 B, P, R = batch_size or B0, prompt_len or P0, response_len or R0
 if B < 1 or P < 1 or R < 1:
     sys.exit("error: batch_size, prompt_len and response_len must be positive")
+if memory:  # one live DPO step's peak memory and time per pair, each kind in a fresh process (bench_memory.py)
+    import bench_memory
+    bench_memory.main(config, dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
+                                   block_size=block_size), overridden)
+    sys.exit(0)
 rt = runtime.setup(device, dtype, seed=1)
 
 
@@ -276,8 +282,8 @@ def step_memory(kind):
     return step_peak_memory(partial(train_step, kind, optimizer), rt.device_type)
 
 
-if memory_kind:  # a fresh process that measures one kind for memory_per_kind (below): JSON on stdout, then exit
-    print(json.dumps(step_memory(memory_kind)))
+if peak_memory_kind:  # a fresh process measuring one kind for the peak-memory table below: JSON on stdout, exit
+    print(json.dumps(step_memory(peak_memory_kind)))
     sys.exit(0)
 
 # -----------------------------------------------------------------------------------------------------------
@@ -303,13 +309,13 @@ print(f"loss agreement: DPO losses at the initial weights {', '.join(f'{k} {v:.7
 # -----------------------------------------------------------------------------------------------------------
 # Peak memory per step kind: on CUDA in this process, kind after kind (the peak is reset before each step); on a
 # CPU in a fresh process per kind, where no other kind's freed memory can hide its peak
-memory_results = {k: step_memory(k) if rt.device_type == "cuda" else in_fresh_process(f"--memory_kind={k}")
-                  for k in KINDS} if memory else None
+memory_results = {k: step_memory(k) if rt.device_type == "cuda" else in_fresh_process(f"--peak_memory_kind={k}")
+                  for k in KINDS} if peak_memory else None
 if memory_results:
     print(memory_table(memory_results, rt.device_type))
 if not timing:
     write_json(out, {"config": config, "size": size, "batch_pairs": B, "prompt_len": P, "response_len": R,
-                     "loss_agreement": agreement, "memory": memory_results})
+                     "loss_agreement": agreement, "peak_memory": memory_results})
     sys.exit(0)
 
 # -----------------------------------------------------------------------------------------------------------
@@ -398,8 +404,7 @@ generation_results = None
 if generation:
     # (EOS + 2 is outside the vocabulary: no row stops early; prompt + new tokens fit the position table)
     gen = generation_results = time_generation(policy, [p for p, _, _ in pairs], R - 1, EOS + 2, PAD, rt)
-    new_tokens = R - 1
-    print(f"generate {B} x {new_tokens} new tokens after {P}-token prompts (greedy): KV cache "
+    print(f"generate {B} x {R - 1} new tokens after {P}-token prompts (greedy): KV cache "
           f"{gen['ms_cache']:,.0f} ms ({gen['new_tokens_per_s_cache']:,.0f} tok/s), no cache "
           f"{gen['ms_no_cache']:,.0f} ms ({gen['new_tokens_per_s_no_cache']:,.0f} tok/s): {gen['speedup']:.1f}x; "
           f"outputs {'identical' if gen['same_outputs'] else 'DIFFER'}")
@@ -416,11 +421,10 @@ targets = {
     "losses agree": (loss_diff, agreement["ok"]),
 }
 # issue 14's, for the gpt2 shape on a CPU (memory: at 8 pairs of 256 + 256 tokens)
-if "dpo_live_chunked" in results:
-    live_speedup = results["dpo_live_chunked"]["speedup_vs_dpo_live"]
-    targets["chunked live DPO speed-up >= 1.15"] = (live_speedup, live_speedup >= 1.15)
-    targets["fastest DPO speed-up per pair >= 2.1"] = (results[fastest]["speedup_vs_dpo_live"],
-                                                       results[fastest]["speedup_vs_dpo_live"] >= 2.1)
+for name, kind, floor in (("chunked live DPO", "dpo_live_chunked", 1.15), ("fastest DPO", fastest, 2.1)):
+    if kind in results:
+        targets[f"{name} speed-up per pair >= {floor}"] = (results[kind]["speedup_vs_dpo_live"],
+                                                           results[kind]["speedup_vs_dpo_live"] >= floor)
 if memory_results and {"dpo_live", "dpo_live_chunked"} <= set(memory_results) and memory_results["dpo_live"]["peak_mb"]:
     ratio = memory_results["dpo_live_chunked"]["peak_mb"] / memory_results["dpo_live"]["peak_mb"]
     targets["chunked live DPO peak memory / plain <= 0.5"] = (ratio, ratio <= 0.5)
@@ -440,7 +444,7 @@ report = {
     "peak_flops": peak, "peak_flops_cpu_time": peak_cpu, "peak_note": peak_note, "cpu_share": busy,
     "steps": results, "fastest_dpo": fastest,
     "fastest_dpo_speedup_vs_dpo_live": results[fastest]["speedup_vs_dpo_live"],
-    "loss_agreement": agreement, "generation": generation_results, "memory": memory_results,
+    "loss_agreement": agreement, "generation": generation_results, "peak_memory": memory_results,
     "targets": {k: {"value": v, "ok": ok} for k, (v, ok) in targets.items()},
 }
 write_json(out, report)

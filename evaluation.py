@@ -11,27 +11,35 @@ from runtime import all_reduce_sum, unwrap
 
 
 @torch.no_grad()
+def complete(model, prompts, tok, rt, max_new_tokens, label, temperature=0.0, generator=None, batch_size=500):
+    """The plain model's completions (text) of `prompts`, greedy (temperature 0) or sampled, batch_size prompts
+    at a time, in eval mode, with progress lines under `label`: for evaluation, and for dpo.py's on-policy pairs."""
+    raw = unwrap(model)
+    was_training = raw.training
+    raw.eval()
+    outs, progress = [], Progress(label, len(prompts), rt.master)
+    for i in range(0, len(prompts), batch_size):
+        with rt.autocast():
+            outs += raw.generate([tok.encode(p) for p in prompts[i:i + batch_size]], max_new_tokens, tok.eos_id,
+                                 tok.pad_id, temperature=temperature, generator=generator)
+        progress.update(len(outs))
+    raw.train(was_training)
+    return [tok.decode(o) for o in outs]
+
+
+@torch.no_grad()
 def evaluate_task(model, task, tok, rt, batch_size=500):
     """Held-out exact-match accuracy (0-1) of greedy completions of task.eval_prompts, checked by
     task.is_correct. Under DDP each rank takes every world_size-th prompt and the counts are summed, so no
     rank waits on another's share. Under FSDP2 every forward is a collective, so every rank generates for every
     prompt instead (identical weights and inputs give identical outputs and the same number of steps)."""
-    raw = unwrap(model)
-    was_training = raw.training
-    raw.eval()
     rank, world = (0, 1) if rt.fsdp else (rt.rank, rt.world_size)
     prompts = task.eval_prompts[rank::world]
-    correct, progress = 0, Progress("evaluating held-out prompts", len(prompts), rt.master)
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        with rt.autocast():
-            outs = raw.generate([tok.encode(p) for p in chunk], task.max_new_tokens, tok.eos_id, tok.pad_id)
-        correct += sum(task.is_correct(p, tok.decode(o)) for p, o in zip(chunk, outs))
-        progress.update(i + len(chunk))
+    texts = complete(model, prompts, tok, rt, task.max_new_tokens, "evaluating held-out prompts", batch_size=batch_size)
+    correct = sum(task.is_correct(p, t) for p, t in zip(prompts, texts))
     counts = torch.tensor([correct, len(prompts)], dtype=torch.float64, device=rt.device)
     if not rt.fsdp:
         counts = all_reduce_sum(counts, rt)
-    raw.train(was_training)
     return (counts[0] / counts[1]).item()
 
 

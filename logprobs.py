@@ -8,6 +8,7 @@ Log-probabilities of responses, the quantity every preference loss is a function
     prefix_shared_logps  the same from B packed rows [prompt | chosen | rejected]: the prompt runs once
                          (packed_row_logps: the same from such rows' logits)
     completion_logps     a model + (prompt, completion) rows -> summed log-probs and token counts (SFT, KTO)
+    logps_table          a model + all pairs -> their summed log-probs as a table (the precomputed reference)
 
 Two paths give the same numbers (--logprobs in sft.py and dpo.py):
     plain    the reference implementation, the one to read first: logits at every position, (B, T, V), then
@@ -105,6 +106,19 @@ def completion_logps(model, seqs, pad_id, block_size, device, multiple=1, logpro
         return chunked_logps(model, {"idx": idx, "targets": targets, "mask": mask}, device, chunk, multiple)["mask"]
     logits, _ = model(idx.to(device))
     return summed_logps(token_logps(logits, targets.to(device)), mask.to(device))
+
+
+@torch.no_grad()
+def logps_table(pair_logps, model, pairs, batch_size, autocast):
+    """(N, 2) float32 table on the CPU of `model`'s summed log-probs of every pair, [:, 0] chosen and [:, 1]
+    rejected, batch_size pairs at a time under no_grad: dpo.py's precomputed reference. pair_logps(model, pairs)
+    is concatenated_logps or prefix_shared_logps with their layout; autocast() the run's autocast context."""
+    table = torch.zeros(len(pairs), 2)
+    for i in range(0, len(pairs), batch_size):
+        with autocast():
+            chosen, rejected, _, _ = pair_logps(model, pairs[i:i + batch_size])
+        table[i:i + batch_size] = torch.stack([chosen, rejected], dim=1).float().cpu()
+    return table
 
 
 # -----------------------------------------------------------------------------------------------------------

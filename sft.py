@@ -84,6 +84,12 @@ beta1 = 0.9
 beta2 = 0.99              # the tiny model sees few tokens per step (nanoGPT's shakespeare-char uses 0.99)
 grad_clip = 1.0
 max_nonfinite = 5         # stop after this many non-finite steps in a row
+# bigger models on the same hardware (README "LoRA and activation checkpointing")
+lora_rank = 0             # > 0: train rank-r LoRA adapters (lora.py) on lora_targets, every other weight frozen
+lora_alpha = 16.0         # the adapters' update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0        # dropout on the adapters' input
+lora_targets = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # all four projections of every block (README says why)
+grad_checkpoint = False   # recompute each block's activations in backward: far less activation memory, ~1/3 more time
 # -----------------------------------------------------------------------------------------------------------
 config = apply_overrides(globals())
 check_config(config)  # nonsense values (batch_size=0, ...) stop here, in one line
@@ -95,7 +101,7 @@ runtime.micro_batches(batch_size, gradient_accumulation_steps, rt.world_size)  #
 compile = config["compile"] = rt.device_type == "cuda" if compile is None else compile  # recorded with the run
 start = checkpoint.sft_start(config)  # fresh weights, GPT-2's, or the run in out_dir (resume)
 tokenizer, block_size = config["tokenizer"], config["block_size"]  # a resumed run keeps its checkpoint's
-tok, model = Tokenizer(tokenizer), start.policy.to(rt.device)
+tok, model = Tokenizer(tokenizer), runtime.prepare_model(start.policy.to(rt.device), config, rt)  # LoRA, checkpointing
 
 # the demonstrations: the embedded task's imperfect ones, or a dataset's
 eval_rows = []
