@@ -77,7 +77,7 @@ def lora_parameter_count(n_layer, n_embd, rank):
     return n_layer * rank * (4 * n_embd + 2 * n_embd + 5 * n_embd + 5 * n_embd)
 
 
-def predict(kind, shape, n_params, tokens, rank, head):
+def predict(kind, shape, n_params, tokens, rank, logprobs="plain", chunk=1024):
     """Predicted memory in bytes (see the docstring): the parts, and the peak."""
     n_layer, n_embd, vocab = (0 if kind == "head" else shape["n_layer"]), shape["n_embd"], shape["vocab_size"]
     lora = kind.startswith("lora")
@@ -87,7 +87,8 @@ def predict(kind, shape, n_params, tokens, rank, head):
     recompute = 16 * n_embd if kind.endswith("ckpt") else 0
     parts = {"weights": 4 * (n_params + n_lora), "reference": 0 if lora else 4 * n_params,
              "gradients": 4 * trained, "adamw": 8 * trained,
-             "activations": 4 * tokens * (n_layer * per_block + recompute) + head}
+             "activations": 4 * tokens * (n_layer * per_block + recompute)
+             + (4 * tokens * 3 * vocab if logprobs == "plain" else 4 * 2 * min(chunk, tokens) * vocab)}
     backward = parts["weights"] + parts["reference"] + parts["gradients"] + parts["activations"]
     step = parts["weights"] + parts["reference"] + parts["gradients"] + parts["adamw"]
     return parts, max(backward, step)
@@ -185,9 +186,6 @@ def main(config, shape, overridden):
                 "device": config["device"], "dtype": config["dtype"],
                 "steps": config["steps"] if "steps" in overridden else 2}
     tokens = 2 * B * (P + R - 1)
-    # the log-prob path's memory (the docstring): 3 (rows, T, vocab) float32 tensors, or 2 chunks of logits
-    chunk, vocab = min(config["logprob_chunk"], 2 * B * R), shape["vocab_size"]
-    head = 4 * 3 * vocab * tokens if config["logprobs"] == "plain" else 4 * 2 * chunk * vocab
     print(f"memory, {config['size']} shape (n_layer={shape['n_layer']}, n_embd={shape['n_embd']}, vocab="
           f"{shape['vocab_size']}): one live DPO step on {B} pairs of {P} prompt + {R} response tokens "
           f"({2 * B} rows, {tokens} tokens); LoRA rank {config['lora_rank']} on all four projections; "
@@ -207,7 +205,8 @@ def main(config, shape, overridden):
           f"{'blocks':>8}{'ms/pair':>9}   predicted parts (MB): weights, reference, gradients, AdamW")
     for kind, r in results.items():
         base = results["head" if kind == "head" else "full"]["n_params"]  # (without the adapters)
-        parts, peak = predict(kind, shape, base, tokens, config["lora_rank"], head)
+        parts, peak = predict(kind, shape, base, tokens, config["lora_rank"], config["logprobs"],
+                              config["logprob_chunk"])
         r["predicted"] = {k: v * mb for k, v in dict(parts, peak=peak).items()}
         r["blocks"] = r["activations"] - results["head"]["activations"]  # the blocks' share of the activations
         print(f"{kind:<11}{r['peak'] * mb:>9,.0f}{r['above_start'] * mb:>12,.0f}{peak * mb:>10,.0f}"

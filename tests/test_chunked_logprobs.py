@@ -285,3 +285,14 @@ def test_sft_and_dpo_runs_log_the_same_losses_either_way(repo_root, tmp_path):
         assert_same_records(plain, chunked, ["loss", "rewards/chosen", "rewards/rejected", "grad_norm"])
         if name != "kto":
             assert chunked[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_the_memory_benchmark_predicts_chunks_not_full_logits():
+    """bench_memory.predict with --logprobs=chunked: the log-prob path holds two chunks of logits, not three
+    (rows, T, vocab) tensors."""
+    import bench_memory
+    shape = dict(n_layer=2, n_embd=32, vocab_size=258)
+    plain, _ = bench_memory.predict("full", shape, 1000, tokens=10, rank=4)
+    chunked, _ = bench_memory.predict("full", shape, 1000, tokens=10, rank=4, logprobs="chunked", chunk=4)
+    assert plain["activations"] == 4 * 10 * (2 * 16 * 32) + 4 * 10 * 3 * 258
+    assert chunked["activations"] == 4 * 10 * (2 * 16 * 32) + 4 * 2 * 4 * 258
