@@ -248,8 +248,8 @@ if start.run:  # --init_from=resume: continue exactly where the run's checkpoint
 # for MFU: forward-only passes per trained token, besides the policy's forward + backward (the live reference;
 # KTO's mismatched rows through the policy, and through the reference)
 forward_only = (reference is not None) + (loss_type == "kto") * (1 + (reference is not None))
-logger = Logger(out_dir, rt, start_iter, max_iters, log_interval, model_flops_per_token(policy, train_data,
-                                                                                        forward_only), compile)
+logger = Logger(out_dir, rt, start_iter, max_iters, log_interval,
+                model_flops_per_token(policy, train_data, forward_only, logprobs), compile)
 if rt.master:
     print(f"loss_type {loss_type}: {1 + isinstance(reference, torch.nn.Module)} model(s) in memory, "
           f"{len(train_data)} training rows")

@@ -123,9 +123,8 @@ if rt.master:
     print(f"{report}; encoded: {len(train_data)} training rows (skipped: {skipped})"
           + (f", {len(eval_data)} held-out rows (skipped: {eval_skipped})" if eval_rows else "")
           + f"; model: {model.get_num_params() / 1e6:.2f}M parameters")
-# how rows become right-padded batches (with compile, lengths padded to a multiple of 16), and the log-prob path
 layout = dict(pad_id=tok.pad_id, block_size=block_size, device=rt.device, multiple=16 if compile else 1,
-              logprobs=logprobs, chunk=logprob_chunk)
+              logprobs=logprobs, chunk=logprob_chunk)  # rows -> padded batches (logprobs.completion_logps)
 
 
 def compute_loss(model, rows):
@@ -158,7 +157,8 @@ guard = NonFiniteGuard(max_nonfinite)
 start_iter = 0
 if start.run:  # --init_from=resume: continue exactly where the run's checkpoint left off (weights, optimizer, data)
     start_iter, guard.total = checkpoint.resume(*start.run, model, optimizer, order, scaler, rt, max_iters)
-logger = Logger(out_dir, rt, start_iter, max_iters, log_interval, model_flops_per_token(model, train_data), compile)
+flops_per_token = model_flops_per_token(model, train_data, logprobs=logprobs)  # for MFU
+logger = Logger(out_dir, rt, start_iter, max_iters, log_interval, flops_per_token, compile)
 results = {}
 for it in range(start_iter, max_iters + 1):
     if it % eval_interval == 0 or it == max_iters:

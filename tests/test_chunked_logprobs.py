@@ -296,3 +296,16 @@ def test_the_memory_benchmark_predicts_chunks_not_full_logits():
     chunked, _ = bench_memory.predict("full", shape, 1000, tokens=10, rank=4, logprobs="chunked", chunk=4)
     assert plain["activations"] == 4 * 10 * (2 * 16 * 32) + 4 * 10 * 3 * 258
     assert chunked["activations"] == 4 * 10 * (2 * 16 * 32) + 4 * 2 * 4 * 258
+
+
+def test_mfu_counts_the_lm_head_where_it_runs(model):
+    """logger.model_flops_per_token with chunked log-probs: the head's 6VC FLOPs per trained token (2VC per
+    forward-only pass) leave out the prompt's share of the tokens, by hand."""
+    from logger import model_flops_per_token
+    rows = [([1, 2, 3], [4, E]), ([5, 6, 7, 8, 9], [10, 11, E])]  # 8 prompt tokens of 13
+    VC = model.lm_head.weight.numel()
+    for forward_only in (0, 1):
+        plain = model_flops_per_token(model, rows, forward_only)
+        assert plain == model.flops_per_token(6.5) + forward_only * model.flops_per_token(6.5, train=False)
+        chunked = model_flops_per_token(model, rows, forward_only, logprobs="chunked")
+        assert chunked == pytest.approx(plain - (6 + 2 * forward_only) * VC * 8 / 13, rel=1e-12)
