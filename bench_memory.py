@@ -25,7 +25,8 @@ gradients 4 per trained parameter and AdamW's two moments 8; activations per tok
 autograd saves them: LayerNorm inputs, q/k/v, attention output, MLP inputs and GELU input; with checkpointing
 n_embd per block plus one block recomputed at a time) + 4 x 3 vocab_size (the policy's log-softmax kept for
 backward, and two more (rows, T, vocab) tensors at the peak: the reference's logits and log-softmax, or the
-backward's gradients of them). The peak is predicted as the larger of the forward/backward phase (weights,
+backward's gradients of them; with --logprobs=chunked, 4 x 2 x chunk x vocab_size in all instead: a chunk's
+logits and a temporary of them). The peak is predicted as the larger of the forward/backward phase (weights,
 reference, gradients, activations) and the optimizer step (weights, reference, gradients, AdamW).
 
 Checkpointing recomputes the blocks, not the LM head: at GPT-2's 50,304-token vocabulary the (rows, T, vocab)
@@ -37,6 +38,7 @@ $ python bench.py --memory=True --size=tiny                     # seconds: check
 $ python bench.py --memory=True --size=gpt2                     # GPT-2 124M shape, 2 pairs of 64 + 64 tokens
 $ python bench.py --memory=True --size=gpt2-medium              # 24 layers, 1024 wide (355M)
 $ python bench.py --memory=True --size=gpt2 --device=cuda       # on a GPU: bf16 autocast, max_memory_allocated
+$ python bench.py --memory=True --size=gpt2 --logprobs=chunked  # chunked log-probs (the scripts' default)
 """
 
 import copy
@@ -75,7 +77,7 @@ def lora_parameter_count(n_layer, n_embd, rank):
     return n_layer * rank * (4 * n_embd + 2 * n_embd + 5 * n_embd + 5 * n_embd)
 
 
-def predict(kind, shape, n_params, tokens, rank):
+def predict(kind, shape, n_params, tokens, rank, logprobs="plain", chunk=1024):
     """Predicted memory in bytes (see the docstring): the parts, and the peak."""
     n_layer, n_embd, vocab = (0 if kind == "head" else shape["n_layer"]), shape["n_embd"], shape["vocab_size"]
     lora = kind.startswith("lora")
@@ -85,7 +87,8 @@ def predict(kind, shape, n_params, tokens, rank):
     recompute = 16 * n_embd if kind.endswith("ckpt") else 0
     parts = {"weights": 4 * (n_params + n_lora), "reference": 0 if lora else 4 * n_params,
              "gradients": 4 * trained, "adamw": 8 * trained,
-             "activations": 4 * tokens * (n_layer * per_block + recompute + 3 * vocab)}
+             "activations": 4 * tokens * (n_layer * per_block + recompute)
+             + (4 * tokens * 3 * vocab if logprobs == "plain" else 4 * 2 * min(chunk, tokens) * vocab)}
     backward = parts["weights"] + parts["reference"] + parts["gradients"] + parts["activations"]
     step = parts["weights"] + parts["reference"] + parts["gradients"] + parts["adamw"]
     return parts, max(backward, step)
@@ -125,7 +128,8 @@ def child(kind, settings):
     rand = lambda n: torch.randint(0, shape["vocab_size"] - 2, (n,), generator=g).tolist()  # noqa: E731
     eos, pad = shape["vocab_size"] - 2, shape["vocab_size"] - 1
     pairs = [(rand(P), rand(R - 1) + [eos], rand(R - 1) + [eos]) for _ in range(B)]
-    layout = dict(pad_id=pad, block_size=shape["block_size"], device=rt.device)
+    layout = dict(pad_id=pad, block_size=shape["block_size"], device=rt.device, logprobs=settings["logprobs"],
+                  chunk=settings["chunk"])
 
     def forward_backward(batch=pairs):
         with rt.autocast():
@@ -178,13 +182,15 @@ def main(config, shape, overridden):
                                                                     BATCH))
     shape = dict(shape, block_size=max(shape["block_size"], P + R - 1))
     settings = {"shape": shape, "batch": (B, P, R), "lora_rank": config["lora_rank"], "beta": config["beta"],
+                "logprobs": config["logprobs"], "chunk": config["logprob_chunk"],
                 "device": config["device"], "dtype": config["dtype"],
                 "steps": config["steps"] if "steps" in overridden else 2}
     tokens = 2 * B * (P + R - 1)
     print(f"memory, {config['size']} shape (n_layer={shape['n_layer']}, n_embd={shape['n_embd']}, vocab="
           f"{shape['vocab_size']}): one live DPO step on {B} pairs of {P} prompt + {R} response tokens "
           f"({2 * B} rows, {tokens} tokens); LoRA rank {config['lora_rank']} on all four projections; "
-          f"{settings['steps']} timed steps after 1 warm-up, each kind in a fresh process")
+          f"{config['logprobs']} log-probs; {settings['steps']} timed steps after 1 warm-up, each kind in a fresh "
+          "process")
     results = {}
     for kind in KINDS:
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), kind, json.dumps(settings)],
@@ -199,7 +205,8 @@ def main(config, shape, overridden):
           f"{'blocks':>8}{'ms/pair':>9}   predicted parts (MB): weights, reference, gradients, AdamW")
     for kind, r in results.items():
         base = results["head" if kind == "head" else "full"]["n_params"]  # (without the adapters)
-        parts, peak = predict(kind, shape, base, tokens, config["lora_rank"])
+        parts, peak = predict(kind, shape, base, tokens, config["lora_rank"], config["logprobs"],
+                              config["logprob_chunk"])
         r["predicted"] = {k: v * mb for k, v in dict(parts, peak=peak).items()}
         r["blocks"] = r["activations"] - results["head"]["activations"]  # the blocks' share of the activations
         print(f"{kind:<11}{r['peak'] * mb:>9,.0f}{r['above_start'] * mb:>12,.0f}{peak * mb:>10,.0f}"
@@ -216,7 +223,7 @@ def main(config, shape, overridden):
     floors = {k: (v, v <= (0.6 if k.startswith("lora peak") else 0.5)) for k, v in floors.items()}
     print("floors (meant for the gpt2 shape):\n" + "\n".join(f"  {k}: {v:.2f} {'ok' if ok else 'MISSED'}"
                                                              for k, (v, ok) in floors.items()))
-    out = config["out"] if "out" in overridden else f"out/bench_memory_{config['size']}.json"
+    out = config["out"] if "out" in overridden else f"out/bench_memory_{config['size']}_{config['logprobs']}.json"
     if out:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as f:

@@ -38,11 +38,11 @@ from errors import install_error_handler
 from evaluation import complete, evaluate_loss, evaluate_task
 from formats import cached_encode, dataset_kind, load_splits
 from logger import Logger, model_flops_per_token, peak_rss_mb, summary
-from logprobs import concatenated_logps, concatenated_tokens, prefix_shared_logps, prefix_shared_tokens
+from logprobs import concatenated_logps, concatenated_tokens, logps_table, prefix_shared_logps, prefix_shared_tokens
 from lora import AdaptersOff
 from objectives import Objective, check_loss_options, needs_reference
 from optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
-from reference import ReferenceSync, reference_table
+from reference import ReferenceSync
 from tasks import AdditionTask, AnswerTask
 
 install_error_handler()  # bad input ends the run with one line, not a traceback
@@ -86,6 +86,8 @@ rpo_alpha = 0.0           # > 0: add rpo_alpha * NLL of the chosen response to a
 precompute_ref = False    # one no-grad pass computes the reference log-probs, then the reference is freed
 prefix_sharing = False    # one row [prompt | chosen | rejected] per pair: the shared prompt is computed once
 attention = "auto"        # prefix-shared rows: 'flex' (FlexAttention), 'sdpa' (boolean mask), 'auto' = flex on CUDA
+logprobs = "chunked"      # 'chunked': the LM head only at response positions, in chunks; 'plain': logits everywhere
+logprob_chunk = 1024      # chunked: rows of logits made at a time (extra memory ~ chunk x vocab x 4 bytes)
 # data: the embedded task (default), or a dataset (README: "Your own data")
 dataset = ""              # '' = pairs built on the embedded task; else a hub name or a local .jsonl/.json/.parquet
                           # of pairs (trl, hh, ultrafeedback, ...), unpaired kto rows, or solutions (gsm8k)
@@ -200,7 +202,8 @@ if rt.master:
 # (the default); a table computed once before training, after which the model is freed (--precompute_ref); or
 # nowhere, a uniform reference whose log-probs are 0 (--reference_free, and the losses that never use a reference)
 layout = dict(pad_id=tok.pad_id, block_size=block_size, device=rt.device,  # how rows become padded batches:
-              multiple=16 if compile else 1)  # with compile, lengths padded to a multiple of 16 (fewer graphs)
+              multiple=16 if compile else 1,  # with compile, lengths padded to a multiple of 16 (fewer graphs)
+              logprobs=logprobs, chunk=logprob_chunk)  # and the log-prob path (logprobs.py)
 if prefix_sharing:  # one packed row [prompt | chosen | rejected] per pair: the prompt runs once
     pair_logps, count_tokens = partial(prefix_shared_logps, **layout, flex=use_flex), prefix_shared_tokens
 else:  # the concatenated forward (logprobs.concatenated_logps): chosen and rejected rows in one batch of 2B
@@ -209,9 +212,9 @@ pair_logps = partial(pair_logps, ld_alpha=ld_alpha)  # LD-DPO (ld_alpha < 1) dis
 
 
 train_table = eval_table = None
-if precompute_ref:  # (check_loss_options made sure the loss has a reference)
-    train_table, eval_table = (reference_table(reference, rows, pair_logps, batch_size, rt)
-                               for rows in (train_data, eval_data))
+if precompute_ref:  # (check_loss_options made sure the loss has a reference) one pass, under no_grad, batch by batch
+    train_table = logps_table(pair_logps, reference, train_data, batch_size, rt.autocast)  # (N, 2): chosen, rejected
+    eval_table = logps_table(pair_logps, reference, eval_data, batch_size, rt.autocast)
     reference = None  # freed: training now holds one model
     if rt.master:
         print(f"precomputed reference log-probs for {len(train_data)} + {len(eval_data)} pairs; reference freed")
@@ -263,8 +266,8 @@ if start.run:  # --init_from=resume: continue exactly where the run's checkpoint
 # for MFU: forward-only passes per trained token, besides the policy's forward + backward (the live reference;
 # KTO's mismatched rows through the policy, and through the reference)
 forward_only = (reference is not None) + (loss_type == "kto") * (1 + (reference is not None))
-logger = Logger(out_dir, rt, start_iter, max_iters, log_interval, model_flops_per_token(policy, train_data,
-                                                                                        forward_only), compile)
+logger = Logger(out_dir, rt, start_iter, max_iters, log_interval,
+                model_flops_per_token(policy, train_data, forward_only, logprobs), compile)
 if rt.master:
     print(f"loss_type {loss_type}: {1 + isinstance(reference, torch.nn.Module)} model(s) in memory, "
           f"{len(train_data)} training rows")

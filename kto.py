@@ -15,8 +15,6 @@ policy has drifted from the reference overall. It is computed without gradients 
 paper.
 """
 
-from functools import partial
-
 import torch
 
 from data import encode_pair_rows, encode_sft_rows
@@ -72,12 +70,15 @@ def mismatched(seqs, block_size):
 
 def batch_loss(policy_model, reference_model, rows, layout, rt, beta, desirable_weight=1.0, undesirable_weight=1.0):
     """KTO on a micro-batch of examples [(prompt_ids, completion_ids, desirable)]. layout: the keyword arguments
-    of logprobs.completion_logps (pad_id, block_size, device, multiple). Returns (loss, metrics): rewards of the
-    desirable (logged as rewards/chosen) and undesirable (rewards/rejected) rows of the micro-batch, their policy
-    log-probs, and kl, the reference point."""
+    of logprobs.completion_logps (pad_id, block_size, device, multiple, logprobs, chunk). Returns (loss,
+    metrics): rewards of the desirable (logged as rewards/chosen) and undesirable (rewards/rejected) rows of the
+    micro-batch, their policy log-probs, and kl, the reference point."""
     seqs = [(p, y) for p, y, _ in rows]
     kl_seqs = mismatched(seqs, layout["block_size"])
-    logps = partial(completion_logps, **layout)
+
+    def logps(model, seqs):  # (B,) summed log-probs
+        return completion_logps(model, seqs, **layout)[0]
+
     desirable = torch.tensor([label for _, _, label in rows], device=rt.device)  # (B,) bool
     policy_logps = logps(policy_model, seqs)  # (B,), with gradients
     with torch.no_grad():

@@ -168,12 +168,17 @@ class Logger:
 # -----------------------------------------------------------------------------------------------------------
 # FLOPs and peak FLOP/s, for MFU
 
-def model_flops_per_token(model, rows, forward_only=0):
+def model_flops_per_token(model, rows, forward_only=0, logprobs="plain"):
     """Model FLOPs per trained token, as nanoGPT counts them: 6N plus the attention term for the forward and
     backward of a row of the data's mean length (prompt + response), plus a third of that for each forward-only
-    pass per trained token (a live reference, ...)."""
+    pass per trained token (a live reference, ...). With logprobs='chunked' the LM head counts only at the
+    response tokens, where it runs (its recomputation in backward is not counted: these are model FLOPs)."""
     mean_len = sum(len(row[0]) + len(row[1]) for row in rows) / len(rows)
-    return model.flops_per_token(mean_len) + forward_only * model.flops_per_token(mean_len, train=False)
+    flops = model.flops_per_token(mean_len) + forward_only * model.flops_per_token(mean_len, train=False)
+    if logprobs == "chunked":  # the head's 2VC forward FLOPs (4VC, 6VC trained) skipped at prompt positions
+        head = model.lm_head.weight.numel() * (2 * forward_only + (6 if model.lm_head.weight.requires_grad else 4))
+        flops -= head * sum(len(row[0]) for row in rows) / sum(len(row[0]) + len(row[1]) for row in rows)
+    return flops
 
 
 GPU_PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12),

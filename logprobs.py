@@ -7,9 +7,20 @@ Log-probabilities of responses, the quantity every preference loss is a function
     concatenated_logps   a model + pairs -> chosen and rejected log-probs from ONE forward over 2B rows
     prefix_shared_logps  the same from B packed rows [prompt | chosen | rejected]: the prompt runs once
                          (packed_row_logps: the same from such rows' logits)
-    completion_logps     a model + (prompt, completion) rows -> summed log-probs (KTO's unpaired rows)
+    completion_logps     a model + (prompt, completion) rows -> summed log-probs and token counts (SFT, KTO)
+    logps_table          a model + all pairs -> their summed log-probs as a table (the precomputed reference)
     length_desensitized  LD-DPO (--ld_alpha): the tail of the longer response counts alpha times
     wpo_token_logps      WPO (--use_weighting): per-token log-weights, and wpo_weights, a pair's weight
+
+Two paths give the same numbers (--logprobs in sft.py and dpo.py):
+    plain    the reference implementation, the one to read first: logits at every position, (B, T, V), then
+             token_logps and summed_logps. Half of a typical row is prompt, whose log-probs are thrown away, and
+             at GPT-2's 50,257 tokens each (B, T, V) float32 copy is the largest tensor of the step.
+    chunked  scored_columns picks, per row, the K columns whose target a mask counts (response tokens and EOS);
+             the model's forward (score=...) gathers their hidden states and model.target_logps turns them into
+             log p(target) a chunk of rows at a time, recomputing a chunk's logits in backward instead of keeping
+             them. The LM head runs at K of T positions, and the extra memory is O(chunk x V). WPO needs the
+             whole distribution at every scored token, so --use_weighting runs the plain path.
 
 Naming, as everywhere in this repo: *_logps are summed over a response's tokens + EOS, (B,); *_avg_logps are
 those divided by the token count. Log-probs are float32 whatever the autocast dtype: losses take differences
@@ -42,17 +53,24 @@ def average_logps(logps, n_tokens):
     return logps / n_tokens.clamp(min=1)
 
 
-def concatenated_logps(model, pairs, pad_id, block_size, device, multiple=1, ld_alpha=1.0, wpo=False):
+def concatenated_logps(model, pairs, pad_id, block_size, device, multiple=1, logprobs="plain", chunk=1024,
+                       ld_alpha=1.0, wpo=False):
     """Pairs [(prompt_ids, chosen_ids, rejected_ids)] -> (chosen_logps, rejected_logps, chosen_n, rejected_n),
     (B,) each, from ONE forward of `model` over 2B right-padded rows, chosen first then rejected (the
     'concatenated forward'). multiple: pad the length up to a multiple of it (for torch.compile's shapes).
+    logprobs: 'plain' or 'chunked' (the module docstring); chunk: rows of logits at a time, chunked only.
     ld_alpha < 1: the summed log-probs are LD-DPO's (length_desensitized). wpo: a fifth tensor, each pair's WPO
     weight (wpo_weights), detached."""
     T = max(len(p) + max(len(c), len(r)) for p, c, r in pairs) - 1
     idx, targets, mask = collate_pairs(pairs, pad_id, padded_length(T, block_size, multiple))  # (2B, T) each
-    logits, _ = model(idx.to(device))  # (2B, T, V)
-    targets, mask = targets.to(device), mask.to(device)
-    per_token = token_logps(logits, targets)  # (2B, T)
+    if _chunked(logprobs) and not wpo:  # the same numbers, the LM head only where mask = 1: (2B, K) each
+        per_token, scored = chunked_token_logps(model, {"idx": idx, "targets": targets, "mask": mask}, device,
+                                                chunk, multiple)
+        mask = scored["mask"]
+    else:
+        logits, _ = model(idx.to(device))  # (2B, T, V)
+        targets, mask = targets.to(device), mask.to(device)
+        per_token = token_logps(logits, targets)  # (2B, T)
     logps, n_tokens = summed_logps(per_token, mask)  # (2B,) each
     B = len(pairs)
     if ld_alpha != 1.0:
@@ -64,15 +82,20 @@ def concatenated_logps(model, pairs, pad_id, block_size, device, multiple=1, ld_
     return out
 
 
-def prefix_shared_logps(model, pairs, pad_id, block_size, device, multiple=1, flex=False, ld_alpha=1.0,
-                        wpo=False):
+def prefix_shared_logps(model, pairs, pad_id, block_size, device, multiple=1, flex=False, logprobs="plain",
+                        chunk=1024, ld_alpha=1.0, wpo=False):
     """The same four (B,) tensors as concatenated_logps, from B packed rows [prompt | chosen | rejected]: an
     attention mask keeps the two branches apart and position ids restart after the prompt, so every token sees
     what it sees in its plain row (data.collate_prefix_shared draws the layout). flex: the mask as a
-    FlexAttention BlockMask (GPUs), else a boolean mask for SDPA. ld_alpha, wpo: as in concatenated_logps."""
+    FlexAttention BlockMask (GPUs), else a boolean mask for SDPA. logprobs, chunk, ld_alpha, wpo: as in
+    concatenated_logps."""
     T = max(len(p) + len(c) + len(r) - 2 for p, c, r in pairs)
-    batch = {k: v.to(device) for k, v in
-             collate_prefix_shared(pairs, pad_id, padded_length(T, 2 * block_size, multiple)).items()}
+    batch = collate_prefix_shared(pairs, pad_id, padded_length(T, 2 * block_size, multiple))
+    if _chunked(logprobs) and not wpo:  # the first rejected token comes back as the last column (scored_columns)
+        per_token, scored = chunked_token_logps(model, batch, device, chunk, multiple, flex)  # (B, K + 1)
+        return _packed_sums(per_token[:, :-1], scored["chosen_mask"][:, :-1], scored["rejected_mask"][:, :-1],
+                            per_token[:, -1], ld_alpha)
+    batch = {k: v.to(device) for k, v in batch.items()}
     mask = block_mask(batch["attn_mask"]) if flex else batch["attn_mask"]  # (B, 1, T, T) bool
     logits, _ = model(batch["idx"], pos=batch["pos"], attn_mask=mask)  # (B, T, V)
     return packed_row_logps(logits, batch, ld_alpha, wpo)
@@ -81,33 +104,57 @@ def prefix_shared_logps(model, pairs, pad_id, block_size, device, multiple=1, fl
 def packed_row_logps(logits, batch, ld_alpha=1.0, wpo=False):
     """Logits (B, T, V) of a data.collate_prefix_shared batch -> (chosen_logps, rejected_logps, chosen_n,
     rejected_n), (B,) each, as the concatenated forward gives them (and with ld_alpha, wpo, as it does)."""
-    chosen_mask, rejected_mask = batch["chosen_mask"], batch["rejected_mask"]
     per_token = token_logps(logits, batch["targets"])  # (B, T)
-    chosen_logps, chosen_n = summed_logps(per_token, chosen_mask)
-    rejected_logps, rejected_n = summed_logps(per_token, rejected_mask)
     # the first rejected token: a second gather from the last prompt column, whose logits both branches share
     first_logits = logits[torch.arange(logits.size(0), device=logits.device), batch["first_index"]][:, None]
     first_logps = token_logps(first_logits, batch["first_target"][:, None])[:, 0]  # (B,)
+    out = _packed_sums(per_token, batch["chosen_mask"], batch["rejected_mask"], first_logps, ld_alpha)
+    if wpo:
+        chosen_n, rejected_n = out[2], out[3]
+        log_w = wpo_token_logps(logits, batch["targets"])  # (B, T)
+        first_w = wpo_token_logps(first_logits, batch["first_target"][:, None])[:, 0]
+        out += (wpo_weights(summed_logps(log_w, batch["chosen_mask"])[0],
+                            summed_logps(log_w, batch["rejected_mask"])[0] + first_w, chosen_n, rejected_n),)
+    return out
+
+
+def _packed_sums(per_token, chosen_mask, rejected_mask, first_logps, ld_alpha):
+    """A packed row's summed log-probs and counts from its per-token log-probs, the branches' masks and the
+    first rejected token's log-prob (B,), which the masks leave out."""
+    chosen_logps, chosen_n = summed_logps(per_token, chosen_mask)
+    rejected_logps, rejected_n = summed_logps(per_token, rejected_mask)
     rejected_n = rejected_n + 1
     if ld_alpha != 1.0:  # the first rejected token is response token 1: always inside the shared length
         public = torch.minimum(chosen_n, rejected_n)
         chosen_logps = length_desensitized(per_token, chosen_mask, public, ld_alpha)
         rejected_logps = length_desensitized(per_token, rejected_mask, public, ld_alpha, first=2)
-    out = (chosen_logps, rejected_logps + first_logps, chosen_n, rejected_n)
-    if wpo:
-        log_w = wpo_token_logps(logits, batch["targets"])  # (B, T)
-        first_w = wpo_token_logps(first_logits, batch["first_target"][:, None])[:, 0]
-        out += (wpo_weights(summed_logps(log_w, chosen_mask)[0], summed_logps(log_w, rejected_mask)[0] + first_w,
-                            chosen_n, rejected_n),)
-    return out
+    return chosen_logps, rejected_logps + first_logps, chosen_n, rejected_n
 
 
-def completion_logps(model, seqs, pad_id, block_size, device, multiple=1):
-    """Summed log-probs of [(prompt_ids, completion_ids)] rows, (B,): KTO's unpaired examples."""
+def completion_logps(model, seqs, pad_id, block_size, device, multiple=1, logprobs="plain", chunk=1024):
+    """[(prompt_ids, completion_ids)] rows -> (summed log-probs, token counts), (B,) each: SFT's rows, KTO's
+    unpaired examples."""
     T = max(len(p) + len(r) for p, r in seqs) - 1
     idx, targets, mask = collate(seqs, pad_id, padded_length(T, block_size, multiple))
+    if _chunked(logprobs):
+        per_token, scored = chunked_token_logps(model, {"idx": idx, "targets": targets, "mask": mask}, device, chunk,
+                                                multiple)
+        return summed_logps(per_token, scored["mask"])
     logits, _ = model(idx.to(device))
-    return summed_logps(token_logps(logits, targets.to(device)), mask.to(device))[0]
+    return summed_logps(token_logps(logits, targets.to(device)), mask.to(device))
+
+
+@torch.no_grad()
+def logps_table(pair_logps, model, pairs, batch_size, autocast):
+    """(N, 2) float32 table on the CPU of `model`'s summed log-probs of every pair, [:, 0] chosen and [:, 1]
+    rejected, batch_size pairs at a time under no_grad: dpo.py's precomputed reference. pair_logps(model, pairs)
+    is concatenated_logps or prefix_shared_logps with their layout; autocast() the run's autocast context."""
+    table = torch.zeros(len(pairs), 2)
+    for i in range(0, len(pairs), batch_size):
+        with autocast():
+            chosen, rejected, _, _ = pair_logps(model, pairs[i:i + batch_size])
+        table[i:i + batch_size] = torch.stack([chosen, rejected], dim=1).float().cpu()
+    return table
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -154,6 +201,59 @@ def wpo_weights(chosen_log_w, rejected_log_w, chosen_n, rejected_n):
     on-policy pairs DPO's derivation assumes. Per-token means, so a long response is not penalised for its
     length. Detached; the pairwise losses multiply each pair's loss by it (losses.batch_mean)."""
     return torch.exp(average_logps(chosen_log_w, chosen_n) + average_logps(rejected_log_w, rejected_n)).clamp(max=1)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The chunked path
+
+MASKS = ("mask", "chosen_mask", "rejected_mask")  # the masks a collated batch may have (data.py)
+
+
+def _chunked(logprobs):
+    if logprobs not in ("chunked", "plain"):
+        raise ValueError(f"logprobs='{logprobs}': expected 'chunked' or 'plain'")
+    return logprobs == "chunked"
+
+
+def scored_columns(batch, multiple=1):
+    """A collated CPU batch (data.collate, collate_pairs or collate_prefix_shared) -> the same batch seen only
+    where a target is scored: cols (B, K), each row's columns where some mask is 1, in order, right-padded to the
+    longest row's count (rounded up to `multiple`, for torch.compile's shapes) with columns no mask counts; the
+    targets and every mask gathered at cols, (B, K) too. For example, a collated row
+
+        column   0   1   2   3   4   5
+        targets  p1  p2  c0  c1  E   pad      ->  cols 2 3 4, targets c0 c1 E, mask 1 1 1
+        mask     0   0   1   1   1   0
+
+    A packed row's first rejected token, predicted from the last prompt column (first_index), becomes one more
+    column at the end, counted by rejected_mask: the hidden state of that column is gathered twice."""
+    masks = [k for k in MASKS if k in batch]
+    scored = sum(batch[k] for k in masks) > 0  # (B, T) bool
+    K = padded_length(int(scored.sum(1).max()), scored.size(1), multiple)
+    cols = torch.argsort((~scored).int(), dim=1, stable=True)[:, :K]  # scored columns first, in their order
+    out = dict(batch, cols=cols, targets=batch["targets"].gather(1, cols),
+               **{k: batch[k].gather(1, cols) for k in masks})  # padding slots: unscored columns, all masks 0
+    if "first_index" in batch:
+        ones = torch.ones(cols.size(0), 1)
+        out["cols"] = torch.cat([cols, batch["first_index"][:, None]], 1)  # (B, K + 1)
+        out["targets"] = torch.cat([out["targets"], batch["first_target"][:, None]], 1)
+        out["chosen_mask"] = torch.cat([out["chosen_mask"], 0 * ones], 1)
+        out["rejected_mask"] = torch.cat([out["rejected_mask"], ones], 1)
+    return out
+
+
+def chunked_token_logps(model, batch, device, chunk, multiple=1, flex=False):
+    """The chunked path for a collated CPU batch -> (per-token log-probs (B, K) at the scored columns, float32;
+    the batch seen there, scored_columns' dict on the device, whose masks sum them as summed_logps does on the
+    plain path). The model's forward gathers the hidden states at the scored columns and runs the LM head there
+    only, `chunk` rows at a time (model.GPT.forward's `score`)."""
+    batch = {k: v.to(device) for k, v in scored_columns(batch, multiple).items()}
+    attn_mask = batch.get("attn_mask")  # prefix-shared rows: (B, 1, T, T) bool
+    if flex and attn_mask is not None:
+        attn_mask = block_mask(attn_mask)
+    per_token, _ = model(batch["idx"], pos=batch.get("pos"), attn_mask=attn_mask,
+                         score=(batch["cols"], batch["targets"]), chunk=chunk)  # (B, K), float32
+    return per_token, batch
 
 
 # Tokens each layout runs through the model per pair (padding not counted): for tok/s and MFU on stdout

@@ -7,6 +7,9 @@ mlp.c_proj} / ln_f, and an lm_head tied to wte), so GPT-2 weights can be mapped 
 Beyond nanoGPT it offers what preference optimisation needs (the log-probs of responses are computed from its
 logits in logprobs.py):
   - optional position ids and attention masks, so left-padded batches and prefix-shared sequences work;
+  - a second way out of the model for those log-probs (`score`): the LM head runs only at the positions whose
+    next token is scored, and `target_logps` turns their hidden states into log p(target) a chunk of rows at a
+    time, so no (rows x T x vocab) logits are ever held;
   - batched generation from prompts of different lengths (greedy, or temperature / top-k sampling) that stops
     each row at EOS, with a KV cache so each new token runs through the model once.
 """
@@ -154,6 +157,75 @@ class Block(nn.Module):
         return x
 
 
+class ChunkedTargetLogps(torch.autograd.Function):
+    """log p(target) = z[target] - logsumexp(z), z = hidden @ weight^T the logits, for N rows of hidden states,
+    `chunk` rows at a time: a chunk's logits (chunk, V) are made, reduced to a log-sum-exp and one gathered
+    value per row, and dropped. Backward makes each chunk's logits again (one more matmul of the LM head) instead
+    of keeping them, so the memory beyond inputs and outputs is O(chunk x V), not O(N x V).
+
+    The derivative of log p(t) with respect to the logits is onehot(t) - softmax(z); through z = h W^T it gives
+    grad_h = dz W and grad_W = dz^T h, summed over the chunks (a tied W gets this, plus the embedding's share,
+    in one .grad: autograd adds the two). Matmuls run in the autocast dtype when autocast is on (as nn.Linear's
+    would), the logits are upcast: log-probs come out float32 (float64 for float64 inputs)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        # hidden (N, C), weight (V, C), targets (N,) long -> (N,) log-probs
+        dtype, acc = _head_dtypes(hidden)
+        h, w = hidden.to(dtype), weight.to(dtype)
+        out = hidden.new_empty(hidden.size(0), dtype=acc)
+        lse = hidden.new_empty(hidden.size(0), dtype=acc)  # kept for backward: softmax = exp(z - lse)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, h.size(0), chunk):
+                z = (h[s:s + chunk] @ w.t()).to(acc)  # (chunk, V): the only logits alive
+                lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
+                out[s:s + chunk] = z.gather(1, targets[s:s + chunk, None])[:, 0] - lse[s:s + chunk]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        chunk, dtype = ctx.chunk, ctx.dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros_like(weight, dtype=lse.dtype) if ctx.needs_input_grad[1] else None  # summed in fp32
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, h.size(0), chunk):
+                g = grad_out[s:s + chunk, None].to(lse.dtype)  # (chunk, 1)
+                z = (h[s:s + chunk] @ w.t()).to(lse.dtype)  # (chunk, V), made again
+                dz = z.sub_(lse[s:s + chunk, None]).exp_().mul_(-g)  # -g * softmax(z), in place
+                dz = dz.scatter_add_(1, targets[s:s + chunk, None], g).to(dtype)  # + g at the target
+                grad_h[s:s + chunk] = dz @ w
+                if grad_w is None:
+                    continue
+                if grad_w.dtype == dtype:
+                    grad_w.addmm_(dz.t(), h[s:s + chunk])  # in place: no (V, C) temporary
+                else:
+                    grad_w += dz.t() @ h[s:s + chunk]  # bf16 / fp16 products, summed over chunks in float32
+        return (grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype), None, None)
+
+
+def _head_dtypes(hidden):
+    """(matmul dtype, log-prob dtype) of the LM head: autocast's dtype when it is on, else the input's; log-probs
+    at least float32."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return dtype, torch.promote_types(dtype, torch.float32)
+
+
+def target_logps(hidden, weight, targets, chunk=1024):
+    """Log-probs of `targets` (N,) from final hidden states (N, C) and the LM head's weight (V, C), chunk rows of
+    logits at a time (ChunkedTargetLogps)."""
+    if torch.compiler.is_compiling():
+        # torch.compile would trace the Function and merge backward's logits matmul with forward's, keeping every
+        # chunk's logits for backward (O(N x V) again): run it eagerly instead, a graph break of its own
+        from torch._dynamo import disable
+        return disable(ChunkedTargetLogps.apply)(hidden, weight, targets, chunk)
+    return ChunkedTargetLogps.apply(hidden, weight, targets, chunk)
+
+
 class GPT(nn.Module):
 
     def __init__(self, config):
@@ -202,13 +274,18 @@ class GPT(nn.Module):
                      if not p.requires_grad and n != "transformer.wpe.weight")
         return 3 * forward - 2 * frozen if train else forward
 
-    def forward(self, idx, targets=None, pos=None, attn_mask=None, last_only=False, cache=None):
+    def forward(self, idx, targets=None, pos=None, attn_mask=None, last_only=False, cache=None, score=None,
+                chunk=1024):
         """idx: (B, T) token ids. pos: (B, T) or (T,) position ids, default 0..T-1.
         attn_mask: None for causal attention, bool (B, 1, T, T) with True = may attend, or a FlexAttention
         BlockMask (model.block_mask). cache: a KVCache (generation): idx are the tokens after the cached ones,
         either all of the first ones or one at a time, and attn_mask, if any, is (B, 1, T, cached + T).
         Returns (logits, loss): logits (B, T, V), or (B, 1, V) with last_only; loss is the mean
-        cross-entropy over targets != -1 when targets are given, else None."""
+        cross-entropy over targets != -1 when targets are given, else None.
+        score: (cols, score_targets), both (B, K) long, for log-probs without logits: returns (logps, None),
+        logps[b, k] = log p(score_targets[b, k]) as predicted at column cols[b, k] of row b, float32 (B, K). Only
+        those B*K positions go through ln_f and the LM head, `chunk` rows of logits at a time (target_logps);
+        inside forward, so that DDP, FSDP2 (which gathers lm_head.weight for it) and compile see it."""
         B, T = idx.size()
         start = 0 if cache is None else cache.filled
         assert start == 0 or T == 1, "after the first call, a KV cache takes one new token at a time"
@@ -220,6 +297,12 @@ class GPT(nn.Module):
             x = block(x, attn_mask, cache)
         if cache is not None:
             cache.filled += T
+        if score is not None:  # only the positions whose next token is scored go on to ln_f and the LM head
+            cols, score_targets = score  # (B, K) each
+            rows = torch.arange(B, device=idx.device)[:, None]  # (B, 1)
+            h = self.transformer.ln_f(x[rows, cols])  # (B, K, C): row b's hidden states at its columns cols[b]
+            logps = target_logps(h.flatten(0, 1), self.lm_head.weight, score_targets.flatten(), chunk)  # (B*K,)
+            return logps.view(score_targets.shape), None
         x = self.transformer.ln_f(x)
         if last_only:
             x = x[:, [-1], :]  # generation only needs the next token: skip T-1 rows of the lm_head matmul

@@ -1,26 +1,13 @@
 """
-The reference model beyond the frozen copy: its log-probs precomputed once, after which it can be freed
-(--precompute_ref: reference_table), or a reference that moves towards the policy during training (TR-DPO,
---ref_sync_steps / --ref_mixup_alpha: ReferenceSync). dpo.py's default, the frozen deep copy run live, needs
-neither.
+A reference that moves towards the policy during training (TR-DPO, --ref_sync_steps / --ref_mixup_alpha:
+ReferenceSync). dpo.py's default, the frozen deep copy run live, does not move; --precompute_ref computes its
+log-probs once instead (logprobs.logps_table).
 """
 
 import torch
 
 from checkpoint import full_state_dict
 from runtime import unwrap
-
-
-@torch.no_grad()
-def reference_table(reference, data, pair_logps, batch_size, rt):
-    """(N, 2) summed reference log-probs of every pair of `data`, [:, 0] chosen and [:, 1] rejected, computed
-    batch_size pairs at a time with pair_logps(model, pairs) (dpo.py's layout, LD-DPO included), on the CPU."""
-    table = torch.zeros(len(data), 2)
-    for i in range(0, len(data), batch_size):
-        with rt.autocast():
-            rc, rr = pair_logps(reference, data[i:i + batch_size])[:2]
-        table[i:i + batch_size] = torch.stack([rc, rr], dim=1).float().cpu()
-    return table
 
 
 @torch.no_grad()

@@ -23,12 +23,12 @@ import time  # noqa: E402  (the imports below load torch)
 import checkpoint
 import runtime
 from configurator import apply_overrides, check_config
-from data import BatchOrder, Tokenizer, encode_sft_rows, sft_batch
+from data import BatchOrder, Tokenizer, encode_sft_rows
 from errors import install_error_handler
 from evaluation import evaluate_loss, evaluate_task
 from formats import cached_encode, load_splits
 from logger import Logger, model_flops_per_token, peak_rss_mb, summary
-from logprobs import summed_logps, token_logps
+from logprobs import completion_logps
 from losses import sft_loss
 from optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
 from tasks import AdditionTask, AnswerTask, gsm8k_answer
@@ -41,6 +41,8 @@ seed = 1
 device = "auto"           # 'auto' = cuda if available, else cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"            # 'auto' = bfloat16 on CUDA when supported, else float32; or 'float32', 'bfloat16'
 compile = None            # torch.compile: None = on with CUDA, off on a CPU (~30 s up front for little); or True/False
+logprobs = "chunked"      # 'chunked': the LM head only at response positions, in chunks; 'plain': logits everywhere
+logprob_chunk = 1024      # chunked: rows of logits made at a time (extra memory ~ chunk x vocab x 4 bytes)
 fsdp = False              # torchrun only: shard parameters, gradients and optimizer state with FSDP2
 threads = 0               # CPU threads (torch.set_num_threads); 0 = torch's default, one per core
 eval_interval = 200
@@ -121,17 +123,14 @@ if rt.master:
     print(f"{report}; encoded: {len(train_data)} training rows (skipped: {skipped})"
           + (f", {len(eval_data)} held-out rows (skipped: {eval_skipped})" if eval_rows else "")
           + f"; model: {model.get_num_params() / 1e6:.2f}M parameters")
+layout = dict(pad_id=tok.pad_id, block_size=block_size, device=rt.device, multiple=16 if compile else 1,
+              logprobs=logprobs, chunk=logprob_chunk)  # rows -> padded batches (logprobs.completion_logps)
 
 
-def make_batch(indices, data=train_data):
-    """Rows `indices` of `data` -> a right-padded batch on the device (data.sft_batch: idx, targets, mask, ...)."""
-    return sft_batch([data[i] for i in indices], tok.pad_id, block_size, 16 if compile else 1, rt.device)
-
-
-def compute_loss(model, batch):
-    """Mean negative log-likelihood per response token, prompt and padding masked out (notebook 02 draws it)."""
-    logits, _ = model(batch["idx"])  # (B, T, V)
-    logps, n_tokens = summed_logps(token_logps(logits, batch["targets"]), batch["mask"])  # (B,) each
+def compute_loss(model, rows):
+    """Mean negative log-likelihood per response token of [(prompt_ids, response_ids)] rows, prompt and padding
+    masked out (logprobs.completion_logps collates them; notebook 02 draws the mask)."""
+    logps, n_tokens = completion_logps(model, rows, **layout)  # (B,) each: summed over response + EOS
     return sft_loss(logps, n_tokens)
 
 
@@ -139,7 +138,7 @@ def evaluate():
     """Held-out task_accuracy (embedded task, GSM8K) and/or eval_loss (NLL per response token of held-out rows)."""
     results = {"task_accuracy": evaluate_task(model, task, tok, rt)} if task is not None else {}
     if eval_data:  # batches weighted by their response tokens: a mean per token, whatever batch_size
-        results.update(evaluate_loss(model, lambda idx: (compute_loss(model, make_batch(idx, eval_data)), {}),
+        results.update(evaluate_loss(model, lambda idx: (compute_loss(model, [eval_data[i] for i in idx]), {}),
                                      len(eval_data), batch_size, rt, row_weights=[len(r) for _, r in eval_data]))
     return results
 
@@ -158,7 +157,8 @@ guard = NonFiniteGuard(max_nonfinite)
 start_iter = 0
 if start.run:  # --init_from=resume: continue exactly where the run's checkpoint left off (weights, optimizer, data)
     start_iter, guard.total = checkpoint.resume(*start.run, model, optimizer, order, scaler, rt, max_iters)
-logger = Logger(out_dir, rt, start_iter, max_iters, log_interval, model_flops_per_token(model, train_data), compile)
+flops_per_token = model_flops_per_token(model, train_data, logprobs=logprobs)  # for MFU
+logger = Logger(out_dir, rt, start_iter, max_iters, log_interval, flops_per_token, compile)
 results = {}
 for it in range(start_iter, max_iters + 1):
     if it % eval_interval == 0 or it == max_iters:
@@ -177,14 +177,14 @@ for it in range(start_iter, max_iters + 1):
     micro_batches = runtime.my_micro_batches(step_rows, batch_size, gradient_accumulation_steps, rt)  # this rank's
     step_loss = 0.0
     for k, indices in enumerate(micro_batches):
-        batch = make_batch(indices)
-        share = batch["n_targets"] / step_tokens  # of the step's tokens, on all ranks
+        rows = [train_data[i] for i in indices]
+        share = sum(len(r) for _, r in rows) / step_tokens  # of the step's response tokens, on all ranks
         runtime.sync_gradients(wrapped_model, rt, k == len(micro_batches) - 1)  # only after the last micro-batch
         with rt.autocast():
-            loss = compute_loss(wrapped_model, batch)
+            loss = compute_loss(wrapped_model, rows)
         scaler.scale(loss * share * rt.world_size).backward()  # DDP averages over ranks; the shares sum to 1
         step_loss += loss.detach() * share
-        logger.add(loss, {}, share, batch["n_read"])
+        logger.add(loss, {}, share, sum(len(p) + len(r) - 1 for p, r in rows))  # tokens read, for tok/s
     scaler.unscale_(optimizer)
     grad_norm = clip_grad_norm(wrapped_model, grad_clip)
     if guard.all_finite(step_loss, grad_norm, scaler, rt, it):  # the same decision on every rank
