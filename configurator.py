@@ -142,6 +142,8 @@ RULES = {  # key: (holds for a sensible value, what the line says is expected)
     "n_pairs": (lambda v: v >= 1, ">= 1"),
     "n_samples": (lambda v: v >= 0, ">= 0"),
     "sample_temperature": (lambda v: v >= 0, ">= 0"),
+    "pairs": (lambda v: v in ("verified", "judged"), "'verified' or 'judged'"),
+    "judge_temperature": (lambda v: v > 0, "> 0"),
     "threads": (lambda v: v >= 0, ">= 0 (0 = the default)"),
     "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "'auto', 'float32', 'bfloat16' or 'float16'"),
     "compile": (lambda v: v in (True, False), "True, False or None (on with CUDA)"),

@@ -39,7 +39,7 @@ from logger import Logger, Progress, model_flops_per_token, peak_rss_mb, summary
 from logprobs import concatenated_logps, concatenated_tokens, prefix_shared_logps, prefix_shared_tokens
 from losses import check_loss_options, needs_reference, preference_loss
 from optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
-from tasks import AdditionTask, AnswerTask
+from tasks import AdditionTask, AnswerTask, judged_pairs
 
 install_error_handler()  # bad input ends the run with one line, not a traceback
 # -----------------------------------------------------------------------------------------------------------
@@ -80,9 +80,13 @@ eval_dataset = ""         # held-out rows from a file of their own (a local file
 eval_split = ""           # ...else from this split of `dataset` ('test_prefs', 'test'); '' = none
 skip_bad_rows = False     # count and skip malformed rows instead of stopping at the first
 # pairs built on the embedded task or a dataset of solutions (task settings come from the SFT checkpoint)
+pairs = "verified"        # 'verified': the correct answer over the model's own mistake; 'judged' (embedded task):
+                          # two of the model's own samples ranked by a hidden judge, no answer shown (README)
+judge_temperature = 1.0   # judged: the judge's noise, P(y1 > y2) = sigmoid((r1 - r2) / judge_temperature)
 n_pairs = 2000            # training prompts that get a pair
-n_samples = 2             # samples per prompt (temperature below) looked at when the greedy answer is right
-sample_temperature = 1.0
+n_samples = 2             # samples per prompt (temperature below): verified, looked at when the greedy answer is
+sample_temperature = 1.0  # right; judged, two distinct ones make the pair
+ref_ckpt = ""             # '' = the reference is a copy of the starting policy; else this checkpoint (online rounds)
 # model and task, used only with init_from='scratch' (otherwise they come from the SFT checkpoint)
 tokenizer = "byte"
 n_digits = 2
@@ -128,8 +132,8 @@ start = checkpoint.dpo_start(config, use_reference)  # loads sft_ckpt strictly, 
 policy, tok = start.policy.to(rt.device), Tokenizer(start.tokenizer)
 block_size = policy.config.block_size  # the checkpoint's
 reference = None
-if use_reference:
-    reference = copy.deepcopy(policy)  # its own weights, which never change:
+if use_reference:  # (online rounds with a fixed reference load the SFT model as the reference instead)
+    reference = copy.deepcopy(policy) if not ref_ckpt else checkpoint.reference_from(ref_ckpt, start, rt.device)
     reference.eval()                   # eval mode,
     reference.requires_grad_(False)    # no gradients, and no optimizer is ever given them
 
@@ -164,13 +168,16 @@ else:  # a task with a verifier: solutions whose final number can be checked (GS
                                    skip_bad_rows)[:2], n_eval) if dataset else AdditionTask(**start.task)
     # (from scratch there is no model to sample mistakes from: the task makes the rejected answers itself)
     rows, sources = task.build_pairs(generate if start.sft_ckpt else None, n_pairs, n_samples, sample_temperature,
-                                     seed)
-    report = "pairs: rejected answers from " + ", ".join(f"{n} {k}" for k, n in sources.items() if n)
+                                     seed) if pairs == "verified" else judged_pairs(
+        task, generate, n_pairs, n_samples, sample_temperature, judge_temperature, seed, loss_type == "kto")
+    report = f"{pairs} pairs: " + ", ".join(f"{n} {k}" for k, n in sources.items() if n)
+    runtime.check_same_on_all_ranks(rows, rt)  # every rank sampled from the same weights with the same seed
 
 # ... as token ids: pairs (prompt, chosen, rejected), or KTO's examples (prompt, completion, desirable)
 encode = kto.encode if loss_type == "kto" else partial(cached_encode, encode_pair_rows)
 # (a dataset's token ids are cached on disk; on-policy pairs are new every run)
-train_data, skipped = encode(rows, tok, block_size, dataset or "embedded task pairs", use_cache=task is None)
+train_data, skipped = encode(rows, tok, block_size, dataset or f"{pairs} pairs", use_cache=task is None,
+                             allow_empty=pairs == "judged")  # (a model's own empty answer is an answer)
 eval_data, eval_skipped = encode(eval_rows[:n_eval], tok, block_size, eval_dataset or dataset,
                                  use_cache=bool(eval_rows))
 if rt.master:
@@ -259,7 +266,7 @@ if rt.master:
 
 def evaluate():
     """Held-out task_accuracy (a task with a verifier) and/or eval_loss, eval_rewards/... (held-out rows)."""
-    results = {"task_accuracy": evaluate_task(policy, task, tok, rt)} if task is not None else {}
+    results = evaluate_task(policy, task, tok, rt, reward=pairs == "judged") if task is not None else {}
     if eval_data:  # the training loss and metrics over the held-out rows, named eval_*
         def held_out_loss(idx):
             return compute_loss(policy, reference, [eval_data[i] for i in idx],

@@ -11,28 +11,34 @@ from runtime import all_reduce_sum, unwrap
 
 
 @torch.no_grad()
-def evaluate_task(model, task, tok, rt, batch_size=500):
-    """Held-out exact-match accuracy (0-1) of greedy completions of task.eval_prompts, checked by
-    task.is_correct. Under DDP each rank takes every world_size-th prompt and the counts are summed, so no
-    rank waits on another's share. Under FSDP2 every forward is a collective, so every rank generates for every
-    prompt instead (identical weights and inputs give identical outputs and the same number of steps)."""
+def evaluate_task(model, task, tok, rt, reward=False, batch_size=500):
+    """{'task_accuracy': held-out exact-match accuracy (0-1) of greedy completions of task.eval_prompts, checked
+    by task.is_correct}, and with reward=True 'task_reward': their mean graded reward (task.reward, what a judge
+    ranks by). Under DDP each rank takes every world_size-th prompt and the sums are reduced, so no rank waits
+    on another's share. Under FSDP2 every forward is a collective, so every rank generates for every prompt
+    instead (identical weights and inputs give identical outputs and the same number of steps)."""
     raw = unwrap(model)
     was_training = raw.training
     raw.eval()
     rank, world = (0, 1) if rt.fsdp else (rt.rank, rt.world_size)
     prompts = task.eval_prompts[rank::world]
-    correct, progress = 0, Progress("evaluating held-out prompts", len(prompts), rt.master)
+    correct, total_reward, progress = 0, 0.0, Progress("evaluating held-out prompts", len(prompts), rt.master)
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
         with rt.autocast():
-            outs = raw.generate([tok.encode(p) for p in chunk], task.max_new_tokens, tok.eos_id, tok.pad_id)
-        correct += sum(task.is_correct(p, tok.decode(o)) for p, o in zip(chunk, outs))
+            outs = [tok.decode(o) for o in raw.generate([tok.encode(p) for p in chunk], task.max_new_tokens,
+                                                         tok.eos_id, tok.pad_id)]
+        correct += sum(task.is_correct(p, o) for p, o in zip(chunk, outs))
+        total_reward += sum(task.reward(p, o) for p, o in zip(chunk, outs)) if reward else 0.0
         progress.update(i + len(chunk))
-    counts = torch.tensor([correct, len(prompts)], dtype=torch.float64, device=rt.device)
+    sums = torch.tensor([correct, total_reward, len(prompts)], dtype=torch.float64, device=rt.device)
     if not rt.fsdp:
-        counts = all_reduce_sum(counts, rt)
+        sums = all_reduce_sum(sums, rt)
     raw.train(was_training)
-    return (counts[0] / counts[1]).item()
+    results = {"task_accuracy": (sums[0] / sums[2]).item()}
+    if reward:
+        results["task_reward"] = (sums[1] / sums[2]).item()
+    return results
 
 
 @torch.no_grad()
