@@ -28,6 +28,7 @@ a peak: on CUDA a per-GPU bf16 table below, on CPU the float32 matmul rate this 
 $ python bench.py --size=tiny --steps=20
 $ python bench.py --size=small --steps=20 --out=out/bench_small.json
 $ python bench.py --size=gpt2 --device=cuda --batch_size=8 --prompt_len=256 --response_len=256 --compile=True
+$ python bench.py --memory=True --size=gpt2   # peak memory: full vs LoRA, +/- activation checkpointing (bench_memory)
 
 Memory allocator (CPU): glibc's malloc serves blocks above its mmap threshold (128 KiB, rising dynamically to
 at most 32 MiB) with mmap and returns freed memory to the kernel above its trim threshold, so a step's large
@@ -62,7 +63,7 @@ import time
 import torch
 
 import runtime
-from configurator import apply_overrides
+from configurator import apply_overrides, overridden
 from data import collate, collate_pairs, collate_prefix_shared
 from logger import measure_matmul_flops, peak_flops
 from logprobs import packed_row_logps, summed_logps, token_logps
@@ -83,6 +84,8 @@ compile = False
 beta = 0.1
 generation = True         # also time model.generate with and without its KV cache
 out = "out/bench.json"    # '' = print only
+memory = False            # True: the memory benchmark instead (bench_memory.py: full vs LoRA, +/- checkpointing)
+lora_rank = 8             # memory benchmark: the adapters' rank
 # -----------------------------------------------------------------------------------------------------------
 config = apply_overrides(globals())
 # -----------------------------------------------------------------------------------------------------------
@@ -92,6 +95,7 @@ SIZES = {
     "tiny": (2, 2, 64, 260, 64, 16, 16, 16),
     "small": (6, 6, 384, 260, 128, 16, 64, 64),
     "gpt2": (12, 12, 768, 50304, 1024, 8, 256, 256),  # GPT-2 124M, vocab padded to a multiple of 64
+    "gpt2-medium": (24, 16, 1024, 50304, 1024, 8, 256, 256),  # GPT-2 355M's shape
 }
 # dense bf16 peak FLOP/s per GPU (no sparsity), matched against torch.cuda.get_device_name()
 KINDS = ["sft", "dpo_live", "dpo_precomputed", "prefix_live", "prefix_precomputed"]
@@ -103,6 +107,11 @@ n_layer, n_head, n_embd, vocab_size, block_size, B0, P0, R0 = SIZES[size]
 B, P, R = batch_size or B0, prompt_len or P0, response_len or R0
 if B < 1 or P < 1 or R < 1:
     sys.exit("error: batch_size, prompt_len and response_len must be positive")
+if memory:  # one live DPO step's peak memory and time per pair, each kind in a fresh process (bench_memory.py)
+    import bench_memory
+    bench_memory.main(config, dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
+                                   block_size=block_size), overridden)
+    sys.exit(0)
 rt = runtime.setup(device, dtype, seed=1)
 
 

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import configurator
 from data import Tokenizer
 from errors import UserError
+from lora import apply_lora, lora_settings, merge_lora
 from model import GPT, GPTConfig
 from runtime import SINGLE_PROCESS_CPU, unwrap
 
@@ -37,14 +38,16 @@ def save_checkpoint(path, model, config, tokenizer, model_state=None, **extra):
     """Write a checkpoint atomically: a temporary file in the same folder, flushed to disk, then os.replace, so
     an interrupted write never leaves a half-written ckpt.pt behind. Holds the model's weights and shape, the
     run's config, the tokenizer's name and the format version, plus whatever the caller adds (iter_num,
-    optimizer state, data position, ...)."""
+    optimizer state, data position, ...). A model with LoRA adapters is saved as it trains, base weights and
+    adapters apart (so it resumes exactly), with 'lora': the adapters' rank, alpha and targets."""
     raw = unwrap(model)
     model_state = raw.state_dict() if model_state is None else model_state
     for name, p in model_state.items():
         if not torch.isfinite(p).all():
             raise UserError(f"refusing to save {path}: parameter '{name}' is not finite")
+    lora = lora_settings(raw)
     ckpt = {"format_version": CHECKPOINT_FORMAT, "model": model_state, "model_args": asdict(raw.config),
-            "config": config, "tokenizer": tokenizer, **extra}
+            "config": config, "tokenizer": tokenizer, **({"lora": lora} if lora else {}), **extra}
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     for stale in glob.glob(glob.escape(path) + ".tmp.*"):  # left by a run killed mid-write: never a checkpoint
@@ -118,14 +121,26 @@ def load_state_strict(model, state_dict, path="checkpoint"):
 
 
 def model_from_checkpoint(ckpt, path="checkpoint", **overrides):
-    """Build a GPT of the checkpoint's shape (with e.g. dropout overridden) and load its weights strictly."""
+    """Build a GPT of the checkpoint's shape (with e.g. dropout overridden) and load its weights strictly. The
+    LoRA adapters of a checkpoint that has them are merged into the base weights: a plain GPT comes back (for
+    sample.py, export_hf.py, and dpo.py starting from a LoRA SFT run)."""
     args = dict(ckpt["model_args"], **overrides)
     try:
         model = GPT(GPTConfig(**args))
     except TypeError as e:
         raise UserError(f"{path}: model_args do not describe this GPT ({e})")
+    if ckpt.get("lora"):
+        apply_lora(model, ckpt["lora"]["rank"], ckpt["lora"]["alpha"], targets=ckpt["lora"]["targets"])
     load_state_strict(model, ckpt["model"], path)
-    return model
+    return merge_lora(model)
+
+
+def keep_lora_settings(config, run):
+    """A resumed run keeps its adapters' rank, alpha and targets (what its checkpoint's weights are shaped by), as
+    it keeps the model's shape; a command line that sets them otherwise is an error."""
+    lora = run[1].get("lora")
+    keep = {"lora_rank": lora["rank"], "lora_alpha": lora["alpha"], "lora_targets": lora["targets"]} if lora else {}
+    keep_checkpoint_settings(config, keep or {"lora_rank": 0}, run[0])
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -272,6 +287,7 @@ def dpo_start(config, needs_reference):
         if "sft_ckpt" not in run[1]["config"]:
             raise UserError(f"{run[0]} was not written by dpo.py (its config names no sft_ckpt): point --out_dir "
                             "at a dpo.py run to resume it")
+        keep_lora_settings(config, run)
         sft_ckpt = run[1]["config"]["sft_ckpt"]
         from_scratch = not sft_ckpt or run[1]["config"].get("init_from") == "scratch"
     if from_scratch and needs_reference:
@@ -321,6 +337,7 @@ def sft_start(config):
         run = load_run_checkpoint(config["out_dir"])
         shape = {k: run[1]["model_args"].get(k) for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")}
         keep_checkpoint_settings(config, dict(shape, tokenizer=run[1]["tokenizer"]), run[0])
+        keep_lora_settings(config, run)  # (resume() loads the adapters, once sft.py has put them back)
         return Start(model_from_checkpoint(run[1], run[0], dropout=dropout), run[1]["tokenizer"], {}, "", run)
     if init_from == "scratch":
         shape = {k: config[k] for k in ("block_size", "n_layer", "n_head", "n_embd", "bias")}

@@ -182,6 +182,16 @@ def collate_pairs(pairs, pad_id, length=None):
     return collate(seqs, pad_id, length)
 
 
+def sft_batch(rows, pad_id, block_size, multiple, device):
+    """SFT rows [(prompt_ids, response_ids)] -> a right-padded batch on the device: idx, targets, mask (B, T);
+    n_targets, the response tokens + EOS the loss averages over; n_read, the tokens the model reads (for tok/s).
+    multiple: pad the length up to a multiple of it (torch.compile's shapes)."""
+    T = max(len(p) + len(r) for p, r in rows) - 1
+    idx, targets, mask = collate(rows, pad_id, padded_length(T, block_size, multiple))
+    return {"idx": idx.to(device), "targets": targets.to(device), "mask": mask.to(device),
+            "n_targets": sum(len(r) for _, r in rows), "n_read": sum(len(p) + len(r) - 1 for p, r in rows)}
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Prefix sharing
 #

@@ -7,6 +7,7 @@ $ python dpo.py                                   # DPO on the embedded task, fr
 $ python dpo.py --loss_type=ipo                   # another loss; each writes a folder of its own (out/ipo)
 $ python dpo.py config/simpo.py                   # a loss with its own recipe (see config/)
 $ python dpo.py --loss_type=sft                   # baseline: continued SFT on the chosen answers (out/sft_chosen)
+$ python dpo.py config/lora.py                    # LoRA: only adapters train; the reference is the policy without them
 $ torchrun --standalone --nproc_per_node=2 dpo.py # DDP; the global batch stays the same
 
 The path, top to bottom: settings; 1. the policy and its frozen copy, the reference; 2. the pairs; 3. where the
@@ -33,10 +34,12 @@ import runtime
 from configurator import apply_overrides, check_config
 from data import BatchOrder, Tokenizer, encode_pair_rows
 from errors import install_error_handler
-from evaluation import evaluate_loss, evaluate_task
+from evaluation import complete, evaluate_loss, evaluate_task
 from formats import cached_encode, dataset_kind, load_splits
-from logger import Logger, Progress, model_flops_per_token, peak_rss_mb, summary
-from logprobs import concatenated_logps, concatenated_tokens, prefix_shared_logps, prefix_shared_tokens
+from logger import Logger, model_flops_per_token, peak_rss_mb, summary
+from logprobs import (concatenated_logps, concatenated_tokens, prefix_shared_logps, prefix_shared_tokens,
+                      reference_table)
+from lora import AdaptersOff
 from losses import check_loss_options, needs_reference, preference_loss
 from optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
 from tasks import AdditionTask, AnswerTask, judged_pairs
@@ -110,6 +113,12 @@ beta1 = 0.9
 beta2 = 0.99
 grad_clip = 1.0
 max_nonfinite = 5
+# bigger models on the same hardware (README "LoRA and activation checkpointing")
+lora_rank = 0             # > 0: train LoRA adapters (lora.py) only; the reference is the policy with them switched off
+lora_alpha = 16.0         # the adapters' update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0        # dropout on the adapters' input
+lora_targets = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # all four projections of every block (README says why)
+grad_checkpoint = False   # recompute each block's activations in backward: far less activation memory, ~1/3 more time
 # -----------------------------------------------------------------------------------------------------------
 config = apply_overrides(globals())
 check_config(config)       # nonsense values (batch_size=0, ...) stop here, in one line
@@ -126,14 +135,19 @@ if loss_type == "kto":
 compile = config["compile"] = rt.device_type == "cuda" if compile is None else compile  # recorded with the run
 use_flex = runtime.use_flex_attention(attention, prefix_sharing, rt)
 
-# 1. the policy: the SFT model (or the run being resumed, or fresh weights), and the reference: a frozen copy
+# 1. the policy: the SFT model (or the run being resumed, or fresh weights), and the reference: a frozen copy (LoRA:
+# the policy itself with its adapters switched off)
 use_reference = needs_reference(loss_type, reference_free)  # simpo, orpo and sft never use one
 start = checkpoint.dpo_start(config, use_reference)  # loads sft_ckpt strictly, with dropout 0: log-probs are exact
-policy, tok = start.policy.to(rt.device), Tokenizer(start.tokenizer)
-block_size = policy.config.block_size  # the checkpoint's
+policy = runtime.prepare_model(start.policy.to(rt.device), config, rt)  # --lora_rank, --grad_checkpoint
+tok, block_size = Tokenizer(start.tokenizer), policy.config.block_size  # the checkpoint's
 reference = None
-if use_reference:  # (online rounds with a fixed reference load the SFT model as the reference instead)
-    reference = copy.deepcopy(policy) if not ref_ckpt else checkpoint.reference_from(ref_ckpt, start, rt.device)
+if use_reference and config["lora_rank"]:  # LoRA: the same model with its adapters off, no copy (lora.py)
+    reference = AdaptersOff(policy)
+elif use_reference and ref_ckpt:  # online rounds: the reference stays the SFT model while the policy moves on
+    reference = checkpoint.reference_from(ref_ckpt, start, rt.device)
+elif use_reference:
+    reference = copy.deepcopy(policy)  # its own weights, which never change:
     reference.eval()                   # eval mode,
     reference.requires_grad_(False)    # no gradients, and no optimizer is ever given them
 
@@ -144,18 +158,9 @@ if use_reference:  # (online rounds with a fixed reference load the SFT model as
 sampler = torch.Generator(device=rt.device).manual_seed(seed)
 
 
-def generate(prompts, temperature):
-    """The policy's completions (text), greedy (temperature 0) or sampled, 500 prompts at a time; `task` is the
-    task whose pairs are being built (below)."""
-    policy.eval()
-    outs, progress = [], Progress(f"building pairs, temperature {temperature}", len(prompts), rt.master)
-    for i in range(0, len(prompts), 500):
-        with rt.autocast():
-            outs += policy.generate([tok.encode(p) for p in prompts[i:i + 500]], task.max_new_tokens, tok.eos_id,
-                                    tok.pad_id, temperature=temperature, generator=sampler)
-        progress.update(len(outs))
-    policy.train()
-    return [tok.decode(o) for o in outs]
+def generate(prompts, temperature):  # the policy's completions (text); `task` is the task being paired, below
+    return complete(policy, prompts, tok, rt, task.max_new_tokens, f"building pairs, temperature {temperature}",
+                    temperature, sampler)
 
 
 eval_rows = []
@@ -199,20 +204,10 @@ else:  # the concatenated forward (logprobs.concatenated_logps): chosen and reje
     pair_logps, count_tokens = partial(concatenated_logps, **layout), concatenated_tokens
 
 
-@torch.no_grad()
-def reference_table(data):
-    """(N, 2) summed reference log-probs of every pair of `data`: [:, 0] chosen, [:, 1] rejected."""
-    table = torch.zeros(len(data), 2)
-    for i in range(0, len(data), batch_size):
-        with rt.autocast():
-            rc, rr, _, _ = pair_logps(reference, data[i:i + batch_size])
-        table[i:i + batch_size] = torch.stack([rc, rr], dim=1).float().cpu()
-    return table
-
-
 train_table = eval_table = None
 if precompute_ref:  # (check_loss_options made sure the loss has a reference)
-    train_table, eval_table = reference_table(train_data), reference_table(eval_data)
+    train_table, eval_table = (reference_table(reference, data, pair_logps, batch_size, rt.autocast)
+                               for data in (train_data, eval_data))
     reference = None  # freed: training now holds one model
     if rt.master:
         print(f"precomputed reference log-probs for {len(train_data)} + {len(eval_data)} pairs; reference freed")
@@ -261,7 +256,8 @@ forward_only = (reference is not None) + (loss_type == "kto") * (1 + (reference 
 logger = Logger(out_dir, rt, start_iter, max_iters, log_interval, model_flops_per_token(policy, train_data,
                                                                                         forward_only), compile)
 if rt.master:
-    print(f"loss_type {loss_type}: {1 + (reference is not None)} model(s) in memory, {len(train_data)} training rows")
+    print(f"loss_type {loss_type}: {1 + isinstance(reference, torch.nn.Module)} model(s) in memory, "
+          f"{len(train_data)} training rows")
 
 
 def evaluate():

@@ -11,30 +11,37 @@ from runtime import all_reduce_sum, unwrap
 
 
 @torch.no_grad()
+def complete(model, prompts, tok, rt, max_new_tokens, label, temperature=0.0, generator=None, batch_size=500):
+    """The plain model's completions (text) of `prompts`, greedy (temperature 0) or sampled, batch_size prompts
+    at a time, in eval mode, with progress lines under `label`: for evaluation, and for dpo.py's on-policy pairs."""
+    raw = unwrap(model)
+    was_training = raw.training
+    raw.eval()
+    outs, progress = [], Progress(label, len(prompts), rt.master)
+    for i in range(0, len(prompts), batch_size):
+        with rt.autocast():
+            outs += raw.generate([tok.encode(p) for p in prompts[i:i + batch_size]], max_new_tokens, tok.eos_id,
+                                 tok.pad_id, temperature=temperature, generator=generator)
+        progress.update(len(outs))
+    raw.train(was_training)
+    return [tok.decode(o) for o in outs]
+
+
+@torch.no_grad()
 def evaluate_task(model, task, tok, rt, reward=False, batch_size=500):
     """{'task_accuracy': held-out exact-match accuracy (0-1) of greedy completions of task.eval_prompts, checked
     by task.is_correct}, and with reward=True 'task_reward': their mean graded reward (task.reward, what a judge
     ranks by). Under DDP each rank takes every world_size-th prompt and the sums are reduced, so no rank waits
     on another's share. Under FSDP2 every forward is a collective, so every rank generates for every prompt
     instead (identical weights and inputs give identical outputs and the same number of steps)."""
-    raw = unwrap(model)
-    was_training = raw.training
-    raw.eval()
     rank, world = (0, 1) if rt.fsdp else (rt.rank, rt.world_size)
     prompts = task.eval_prompts[rank::world]
-    correct, total_reward, progress = 0, 0.0, Progress("evaluating held-out prompts", len(prompts), rt.master)
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        with rt.autocast():
-            outs = [tok.decode(o) for o in raw.generate([tok.encode(p) for p in chunk], task.max_new_tokens,
-                                                         tok.eos_id, tok.pad_id)]
-        correct += sum(task.is_correct(p, o) for p, o in zip(chunk, outs))
-        total_reward += sum(task.reward(p, o) for p, o in zip(chunk, outs)) if reward else 0.0
-        progress.update(i + len(chunk))
-    sums = torch.tensor([correct, total_reward, len(prompts)], dtype=torch.float64, device=rt.device)
+    texts = complete(model, prompts, tok, rt, task.max_new_tokens, "evaluating held-out prompts", batch_size=batch_size)
+    sums = torch.tensor([sum(task.is_correct(p, t) for p, t in zip(prompts, texts)),
+                         sum(task.reward(p, t) for p, t in zip(prompts, texts)) if reward else 0.0, len(prompts)],
+                        dtype=torch.float64, device=rt.device)
     if not rt.fsdp:
         sums = all_reduce_sum(sums, rt)
-    raw.train(was_training)
     results = {"task_accuracy": (sums[0] / sums[2]).item()}
     if reward:
         results["task_reward"] = (sums[1] / sums[2]).item()

@@ -6,7 +6,8 @@ Export a checkpoint of ours as a Hugging Face transformers GPT2LMHeadModel folde
 Our GPT keeps GPT-2's layout, so the export is a renaming plus one transpose: GPT-2 stores the attention and MLP
 projections as Conv1D, weight (in, out), where nn.Linear holds (out, in). n_positions is our block_size, the
 vocabulary is our model's, the embeddings stay tied, and a model trained without biases (bias=False) gets zero
-biases, which compute the same thing.
+biases, which compute the same thing. A LoRA run's adapters are merged into the weights first
+(checkpoint.model_from_checkpoint): the export is a plain GPT2LMHeadModel.
 
 Loading the export (transformers is an optional dependency: `pip install transformers`):
 

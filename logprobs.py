@@ -7,6 +7,7 @@ Log-probabilities of responses, the quantity every preference loss is a function
     concatenated_logps   a model + pairs -> chosen and rejected log-probs from ONE forward over 2B rows
     prefix_shared_logps  the same from B packed rows [prompt | chosen | rejected]: the prompt runs once
                          (packed_row_logps: the same from such rows' logits)
+    reference_table      a reference's log-probs of every pair, once (--precompute_ref)
     completion_logps     a model + (prompt, completion) rows -> summed log-probs (KTO's unpaired rows)
 
 Naming, as everywhere in this repo: *_logps are summed over a response's tokens + EOS, (B,); *_avg_logps are
@@ -83,6 +84,19 @@ def completion_logps(model, seqs, pad_id, block_size, device, multiple=1):
     idx, targets, mask = collate(seqs, pad_id, padded_length(T, block_size, multiple))
     logits, _ = model(idx.to(device))
     return summed_logps(token_logps(logits, targets.to(device)), mask.to(device))[0]
+
+
+@torch.no_grad()
+def reference_table(reference, pairs, pair_logps, batch_size, autocast):
+    """--precompute_ref: (N, 2) summed log-probs of every pair's chosen ([:, 0]) and rejected ([:, 1]) response
+    under the reference, computed once, batch_size pairs at a time; pair_logps(model, pairs) is dpo.py's layout
+    (concatenated_logps or prefix_shared_logps with its settings), autocast() its precision."""
+    table = torch.zeros(len(pairs), 2)
+    for i in range(0, len(pairs), batch_size):
+        with autocast():
+            rc, rr, _, _ = pair_logps(reference, pairs[i:i + batch_size])
+        table[i:i + batch_size] = torch.stack([rc, rr], dim=1).float().cpu()
+    return table
 
 
 # Tokens each layout runs through the model per pair (padding not counted): for tok/s and MFU on stdout

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 try:  # FlexAttention (torch >= 2.5): block-sparse masks that keep a fused kernel; optional
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -137,8 +138,17 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
+        self.grad_checkpoint = False  # set_grad_checkpoint: recompute this block's activations in backward
 
     def forward(self, x, attn_mask=None, cache=None):
+        if self.grad_checkpoint and torch.is_grad_enabled() and cache is None:
+            # activation checkpointing: keep only the block's input; backward runs the block again to get what
+            # it would have saved. Non-reentrant: correct when no input requires grad (frozen embeddings under
+            # LoRA), under DDP, and it restores the RNG so dropout draws the same masks the second time
+            return checkpoint(self.layers, x, attn_mask, use_reentrant=False)
+        return self.layers(x, attn_mask, cache)
+
+    def layers(self, x, attn_mask=None, cache=None):
         x = x + self.attn(self.ln_1(x), attn_mask, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -183,10 +193,14 @@ class GPT(nn.Module):
 
     def flops_per_token(self, T, train=True):
         """Model FLOPs per token of a length-T row, as nanoGPT counts them: 6N + 12*L*H*Q*T for forward and
-        backward (N parameters without the position table, Q the head size), a third of that forward only."""
+        backward (N parameters without the position table, Q the head size), a third of that forward only. A
+        frozen parameter (LoRA's base weights) costs 4 per token, not 6: backward needs the gradient of its input,
+        not of itself. Recomputation (activation checkpointing) is not counted: these are model FLOPs."""
         cfg = self.config
-        flops = 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
-        return flops if train else flops / 3
+        forward = 2 * self.get_num_params() + 4 * cfg.n_layer * cfg.n_head * (cfg.n_embd // cfg.n_head) * T
+        frozen = sum(p.numel() for n, p in self.named_parameters()
+                     if not p.requires_grad and n != "transformer.wpe.weight")
+        return 3 * forward - 2 * frozen if train else forward
 
     def forward(self, idx, targets=None, pos=None, attn_mask=None, last_only=False, cache=None):
         """idx: (B, T) token ids. pos: (B, T) or (T,) position ids, default 0..T-1.
@@ -320,3 +334,12 @@ class GPT(nn.Module):
                 assert v.shape == dst[k].shape, f"{k}: {tuple(v.shape)} vs {tuple(dst[k].shape)}"
                 dst[k].copy_(v)
         return model
+
+
+def set_grad_checkpoint(model, on=True):
+    """Activation checkpointing, per block (Block.forward): training keeps each block's input instead of all
+    its activations and recomputes them in backward, about one more forward pass of compute for
+    O(n_layer) less activation memory."""
+    for block in model.transformer.h:
+        block.grad_checkpoint = on
+    return model

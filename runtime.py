@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 from errors import UserError
-from model import FLEX_AVAILABLE
+from lora import AdaptersOff, apply_lora, lora_targets
+from model import FLEX_AVAILABLE, set_grad_checkpoint
 
 
 @dataclass
@@ -177,6 +178,21 @@ def shard(model):
     return model
 
 
+def prepare_model(model, cfg, rt):
+    """What the run trains, set before any wrapping: with cfg['lora_rank'] > 0 only LoRA adapters (lora.py) on
+    cfg['lora_targets'] of every block, the rest frozen; with cfg['grad_checkpoint'] activation checkpointing
+    per block (model.Block). Prints what trains. In place; returns the model."""
+    if cfg["lora_rank"]:
+        apply_lora(model, cfg["lora_rank"], cfg["lora_alpha"], cfg["lora_dropout"], lora_targets(cfg["lora_targets"]))
+    set_grad_checkpoint(model, cfg["grad_checkpoint"])
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if rt.master and (cfg["lora_rank"] or cfg["grad_checkpoint"]):
+        lora = f"LoRA rank {cfg['lora_rank']} on {cfg['lora_targets']}, " if cfg["lora_rank"] else ""
+        print(f"{lora}{trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters trained"
+              + ("; activation checkpointing per block" if cfg["grad_checkpoint"] else ""))
+    return model
+
+
 def wrap_policy(model, rt, compile_model):
     """FSDP2-shard or DDP-wrap the model being trained, and torch.compile it (optional); returns the wrapper to
     call in training. The plain `model` stays usable for evaluation, generation and saving (they share
@@ -194,9 +210,12 @@ def wrap_policy(model, rt, compile_model):
 def wrap_reference(model, rt, compile_model):
     """The frozen reference for training: never DDP-wrapped (it has no gradients to synchronise), sharded under
     FSDP2 (the point of FSDP is two models that do not fit one GPU), compiled on its own (it only ever runs
-    forward under no_grad). None stays None (no reference)."""
+    forward under no_grad). None stays None (no reference). LoRA's reference (lora.AdaptersOff) is the plain
+    policy, never its DDP wrapper, and compiled on its own too (one graph with the adapters off)."""
     if model is None:
         return None
+    if isinstance(model, AdaptersOff):  # LoRA: the policy itself (sharded already), with its adapters off
+        return AdaptersOff(torch.compile(model.model, dynamic=False)) if compile_model else model
     if rt.fsdp:
         shard(model)
     return torch.compile(model, dynamic=False) if compile_model else model

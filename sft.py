@@ -23,7 +23,7 @@ import time  # noqa: E402  (the imports below load torch)
 import checkpoint
 import runtime
 from configurator import apply_overrides, check_config
-from data import BatchOrder, Tokenizer, collate, encode_sft_rows, padded_length
+from data import BatchOrder, Tokenizer, encode_sft_rows, sft_batch
 from errors import install_error_handler
 from evaluation import evaluate_loss, evaluate_task
 from formats import cached_encode, load_splits
@@ -82,6 +82,12 @@ beta1 = 0.9
 beta2 = 0.99              # the tiny model sees few tokens per step (nanoGPT's shakespeare-char uses 0.99)
 grad_clip = 1.0
 max_nonfinite = 5         # stop after this many non-finite steps in a row
+# bigger models on the same hardware (README "LoRA and activation checkpointing")
+lora_rank = 0             # > 0: train rank-r LoRA adapters (lora.py) on lora_targets, every other weight frozen
+lora_alpha = 16.0         # the adapters' update is scaled by lora_alpha / lora_rank
+lora_dropout = 0.0        # dropout on the adapters' input
+lora_targets = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # all four projections of every block (README says why)
+grad_checkpoint = False   # recompute each block's activations in backward: far less activation memory, ~1/3 more time
 # -----------------------------------------------------------------------------------------------------------
 config = apply_overrides(globals())
 check_config(config)  # nonsense values (batch_size=0, ...) stop here, in one line
@@ -93,7 +99,7 @@ runtime.micro_batches(batch_size, gradient_accumulation_steps, rt.world_size)  #
 compile = config["compile"] = rt.device_type == "cuda" if compile is None else compile  # recorded with the run
 start = checkpoint.sft_start(config)  # fresh weights, GPT-2's, or the run in out_dir (resume)
 tokenizer, block_size = config["tokenizer"], config["block_size"]  # a resumed run keeps its checkpoint's
-tok, model = Tokenizer(tokenizer), start.policy.to(rt.device)
+tok, model = Tokenizer(tokenizer), runtime.prepare_model(start.policy.to(rt.device), config, rt)  # LoRA, checkpointing
 
 # the demonstrations: the embedded task's imperfect ones, or a dataset's
 eval_rows = []
@@ -118,13 +124,8 @@ if rt.master:
 
 
 def make_batch(indices, data=train_data):
-    """Rows `indices` of `data` -> a right-padded batch on the device: idx, targets, mask (B, T); n_targets, the
-    response tokens + EOS the loss averages over; n_read, the tokens the model reads (for tok/s)."""
-    rows = [data[i] for i in indices]
-    T = max(len(p) + len(r) for p, r in rows) - 1
-    idx, targets, mask = collate(rows, tok.pad_id, padded_length(T, block_size, 16 if compile else 1))
-    return {"idx": idx.to(rt.device), "targets": targets.to(rt.device), "mask": mask.to(rt.device),
-            "n_targets": sum(len(r) for _, r in rows), "n_read": sum(len(p) + len(r) - 1 for p, r in rows)}
+    """Rows `indices` of `data` -> a right-padded batch on the device (data.sft_batch: idx, targets, mask, ...)."""
+    return sft_batch([data[i] for i in indices], tok.pad_id, block_size, 16 if compile else 1, rt.device)
 
 
 def compute_loss(model, batch):
