@@ -37,7 +37,7 @@ n_pairs = 2000            # judged pairs in all, n_pairs / rounds per round
 max_iters = 100           # optimizer steps in all, max_iters / rounds per round
 seed = 1                  # round k uses seed + k - 1: other prompts, other samples
 nproc = 1                 # > 1: run each round with torchrun --standalone --nproc_per_node=nproc
-dpo_args = ""             # more dpo.py settings for every round, e.g. "--beta=0.5 --n_samples=4"
+dpo_args = ""             # more dpo.py settings for every round, e.g. "config/judged_dpo.py --beta=0.5"
 # -----------------------------------------------------------------------------------------------------------
 config = apply_overrides(globals())
 if reference not in ("sft", "previous"):
@@ -60,10 +60,11 @@ for k in range(1, rounds + 1):
         print(f"round {k}/{rounds}: finished earlier, {round_dir}")
     else:
         resume = os.path.exists(os.path.join(round_dir, "ckpt.pt"))  # a checkpoint from within the round
-        args = [f"--init_from={'resume' if resume else 'sft'}", f"--sft_ckpt={start}", f"--out_dir={round_dir}",
-                f"--ref_ckpt={sft_ckpt if reference == 'sft' and k > 1 else ''}", f"--pairs={pairs}",
-                f"--n_pairs={n_pairs // rounds}", f"--max_iters={per_round}", f"--eval_interval={per_round}",
-                f"--seed={seed + k - 1}", *shlex.split(dpo_args)]
+        # dpo_args first: a config file among them must not override the round's own settings, which follow
+        args = [*shlex.split(dpo_args), f"--init_from={'resume' if resume else 'sft'}", f"--sft_ckpt={start}",
+                f"--out_dir={round_dir}", f"--ref_ckpt={sft_ckpt if reference == 'sft' and k > 1 else ''}",
+                f"--pairs={pairs}", f"--n_pairs={n_pairs // rounds}", f"--max_iters={per_round}",
+                f"--eval_interval={per_round}", f"--seed={seed + k - 1}"]
         launcher = [sys.executable] if nproc == 1 else ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
         print(f"round {k}/{rounds}: $ {' '.join(['python' if nproc == 1 else ' '.join(launcher), 'dpo.py', *args])}",
               flush=True)
