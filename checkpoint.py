@@ -307,6 +307,7 @@ def dpo_start(config, needs_reference):
             raise UserError(f"{run[0]} was trained with tokenizer '{run[1].get('tokenizer')}', its SFT checkpoint "
                             f"with '{ckpt['tokenizer']}'")
         policy = model_from_checkpoint(ckpt, sft_ckpt, dropout=0.0)
+        config.update({k: ckpt["config"][k] for k in TASK_KEYS})  # this run's checkpoints carry the task it trains on
         return Start(policy, ckpt["tokenizer"], task_settings(ckpt["config"]), sft_ckpt, run,
                      ckpt.get("task_accuracy"))
     if run:  # the model's shape, tokenizer and task are the run's own
@@ -318,6 +319,16 @@ def dpo_start(config, needs_reference):
                                n_layer=config["n_layer"], n_head=config["n_head"], n_embd=config["n_embd"],
                                dropout=0.0))
     return Start(policy, config["tokenizer"], task_settings(config), "", run, None)
+
+
+def reference_from(path, start, device):
+    """A frozen reference loaded from its own checkpoint (online rounds whose reference stays the SFT model while
+    the policy starts from the previous round): the same tokenizer and shape as the policy, dropout off."""
+    ckpt = load_checkpoint(path, tokenizer=start.tokenizer, missing_hint="--ref_ckpt names no checkpoint")
+    if ckpt["model_args"] != dict(asdict(start.policy.config), dropout=ckpt["model_args"].get("dropout")):
+        raise UserError(f"{path}: the reference's shape {ckpt['model_args']} differs from the policy's")
+    reference = model_from_checkpoint(ckpt, path, dropout=0.0).to(device)
+    return reference.eval().requires_grad_(False)
 
 
 def sft_start(config):

@@ -147,6 +147,8 @@ RULES = {  # key: (holds for a sensible value, what the line says is expected)
     "n_pairs": (lambda v: v >= 1, ">= 1"),
     "n_samples": (lambda v: v >= 0, ">= 0"),
     "sample_temperature": (lambda v: v >= 0, ">= 0"),
+    "pairs": (lambda v: v in ("verified", "judged"), "'verified' or 'judged'"),
+    "judge_temperature": (lambda v: v > 0, "> 0"),
     "threads": (lambda v: v >= 0, ">= 0 (0 = the default)"),
     "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "'auto', 'float32', 'bfloat16' or 'float16'"),
     "compile": (lambda v: v in (True, False), "True, False or None (on with CUDA)"),
@@ -164,5 +166,7 @@ def check_config(cfg):
     for key, (ok, expected) in RULES.items():
         if key in cfg and cfg[key] is not None and not ok(cfg[key]):
             raise UserError(f"{key}={cfg[key]!r} makes no sense: expected {expected}")
+    if cfg.get("ref_ckpt") and cfg.get("lora_rank"):
+        raise UserError("ref_ckpt with lora_rank: a LoRA policy's reference is its own base weights, adapters off")
     if cfg.get("n_head", 0) >= 1 and cfg.get("n_embd", 0) % cfg.get("n_head", 1) != 0:
         raise UserError(f"n_embd={cfg['n_embd']} is not divisible by n_head={cfg['n_head']}")

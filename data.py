@@ -100,16 +100,17 @@ def _check_text(row, key, where):
     return row[key]
 
 
-def encode_sft_rows(rows, tok, block_size, max_prompt_len=None, source="sft data"):
+def encode_sft_rows(rows, tok, block_size, max_prompt_len=None, source="sft data", allow_empty=False):
     """[{'prompt', 'response'}] -> [(prompt_ids, response_ids + [EOS])], truncated to block_size + 1 tokens
-    (the model reads block_size of them). Rows with an empty response are skipped and counted."""
+    (the model reads block_size of them). Rows with an empty response are skipped and counted, unless
+    allow_empty: a model's own empty answer is a real one, and trains as EOS alone."""
     max_len = block_size + 1
     max_prompt_len = max_prompt_len or max_len // 2
     out, skipped = [], SkipCounter()
     for i, row in enumerate(rows):
         where = f"{source}, row {i}"
         prompt, response = _check_text(row, "prompt", where), _check_text(row, "response", where)
-        if not response.strip():
+        if not response.strip() and not allow_empty:
             skipped.add("empty response")
             continue
         fitted = truncate(tok.encode(prompt), [tok.encode(response) + [tok.eos_id]], max_len, max_prompt_len)
@@ -120,9 +121,10 @@ def encode_sft_rows(rows, tok, block_size, max_prompt_len=None, source="sft data
     return out, skipped
 
 
-def encode_pair_rows(rows, tok, block_size, max_prompt_len=None, source="preference data"):
+def encode_pair_rows(rows, tok, block_size, max_prompt_len=None, source="preference data", allow_empty=False):
     """[{'prompt', 'chosen', 'rejected'}] -> [(prompt_ids, chosen_ids, rejected_ids)], each response ending in EOS
-    and truncated with the same prompt. Empty responses and identical chosen/rejected are skipped and counted."""
+    and truncated with the same prompt. Empty responses (unless allow_empty, as in encode_sft_rows) and identical
+    chosen/rejected are skipped and counted."""
     max_len = block_size + 1
     max_prompt_len = max_prompt_len or max_len // 2
     out, skipped = [], SkipCounter()
@@ -130,7 +132,7 @@ def encode_pair_rows(rows, tok, block_size, max_prompt_len=None, source="prefere
         where = f"{source}, row {i}"
         prompt = _check_text(row, "prompt", where)
         chosen, rejected = _check_text(row, "chosen", where), _check_text(row, "rejected", where)
-        if not chosen.strip() or not rejected.strip():
+        if (not chosen.strip() or not rejected.strip()) and not allow_empty:
             skipped.add("empty response")
             continue
         if chosen == rejected:

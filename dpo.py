@@ -23,7 +23,6 @@ if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import copy  # noqa: E402  (the imports below load torch)
-import json  # noqa: E402
 import time  # noqa: E402
 from functools import partial  # noqa: E402
 
@@ -36,14 +35,14 @@ from configurator import apply_overrides, check_config
 from data import BatchOrder, Tokenizer, encode_pair_rows
 from errors import install_error_handler
 from evaluation import complete, evaluate_loss, evaluate_task
-from formats import cached_encode, dataset_kind, load_splits
+from formats import cached_encode, dataset_kind, load_splits, write_jsonl
 from logger import Logger, model_flops_per_token, peak_rss_mb, summary
 from logprobs import concatenated_logps, concatenated_tokens, logps_table, prefix_shared_logps, prefix_shared_tokens
 from lora import AdaptersOff
 from objectives import Objective, check_loss_options, needs_reference
 from optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
 from reference import ReferenceSync
-from tasks import AdditionTask, AnswerTask
+from tasks import AdditionTask, AnswerTask, judged_pairs
 
 install_error_handler()  # bad input ends the run with one line, not a traceback
 # -----------------------------------------------------------------------------------------------------------
@@ -63,13 +62,10 @@ checkpoint_interval = 0
 always_save_checkpoint = False
 keep_last = 1
 # the objective
-loss_type = "dpo"         # dpo | ipo | hinge | simpo | orpo | kto | sft | nca | bco | ... (losses.py's table), or
-                          # several joined by '+' (dpo+bco+sft), weighted by loss_weights
+loss_type = "dpo"         # dpo | ipo | simpo | orpo | kto | sft | nca | ... (losses.py's table); dpo+bco+sft: a sum
 loss_weights = ""         # a combination's weights, e.g. '0.8,0.2,1.0'; '' = all 1
-beta = 1.0                # dpo/ipo/hinge/kto: KL strength (larger = closer to the reference); simpo: reward
-                          # scale; orpo: lambda (as in TRL). TRL's default is 0.1; README "Results" says why 1.0
-label_smoothing = 0.0     # dpo: > 0 gives conservative DPO (assumed probability that a label is flipped);
-                          # robust, exo, aot: their label-flip rate too
+beta = 1.0                # KL strength (larger = closer to the reference; TRL's 0.1 is weaker, README "Results")
+label_smoothing = 0.0     # dpo, robust, exo, aot: the assumed label-flip rate (dpo: > 0 is conservative DPO)
 simpo_gamma = 0.5         # simpo: target reward margin
 discopop_tau = 0.05       # discopop: width of the switch between its logistic and exponential parts
 bco_running_delta = True  # bco: reward shift = running mean of the rewards (the paper); False: 0 (TRL's bco_pair)
@@ -89,17 +85,19 @@ attention = "auto"        # prefix-shared rows: 'flex' (FlexAttention), 'sdpa' (
 logprobs = "chunked"      # 'chunked': the LM head only at response positions, in chunks; 'plain': logits everywhere
 logprob_chunk = 1024      # chunked: rows of logits made at a time (extra memory ~ chunk x vocab x 4 bytes)
 # data: the embedded task (default), or a dataset (README: "Your own data")
-dataset = ""              # '' = pairs built on the embedded task; else a hub name or a local .jsonl/.json/.parquet
-                          # of pairs (trl, hh, ultrafeedback, ...), unpaired kto rows, or solutions (gsm8k)
+dataset = ""              # '' = the embedded task; else a hub name or a .jsonl/.json/.parquet (pairs, kto rows, gsm8k)
 dataset_format = ""       # '' = detect from the columns
 dataset_split = "train"   # ultrafeedback_binarized: 'train_prefs'
 eval_dataset = ""         # held-out rows from a file of their own (a local file has one split)...
 eval_split = ""           # ...else from this split of `dataset` ('test_prefs', 'test'); '' = none
 skip_bad_rows = False     # count and skip malformed rows instead of stopping at the first
 # pairs built on the embedded task or a dataset of solutions (task settings come from the SFT checkpoint)
+pairs = "verified"        # the correct answer over the model's own mistake; 'judged': two samples ranked by a judge
+judge_temperature = 1.0   # judged: the judge's noise, P(y1 > y2) = sigmoid((r1 - r2) / judge_temperature)
 n_pairs = 2000            # training prompts that get a pair
-n_samples = 2             # samples per prompt (temperature below) looked at when the greedy answer is right
-sample_temperature = 1.0
+n_samples = 2             # samples per prompt (temperature below): verified, looked at when the greedy answer is
+sample_temperature = 1.0  # right; judged, two distinct ones make the pair
+ref_ckpt = ""             # '' = the reference is a copy of the starting policy; else this checkpoint (online rounds)
 # model and task, used only with init_from='scratch' (otherwise they come from the SFT checkpoint)
 tokenizer = "byte"
 n_digits = 2
@@ -139,9 +137,7 @@ if not out_dir:  # each loss a folder of its own: `--loss_type=ipo` never overwr
 
 t_start = time.time()
 rt = runtime.setup(device, dtype, seed, fsdp, threads)
-_, micro_rows = runtime.micro_batches(batch_size, gradient_accumulation_steps, rt.world_size)  # uneven: stops here
-if loss_type == "kto":
-    kto.check_micro_batch(micro_rows)
+runtime.micro_batches(batch_size, gradient_accumulation_steps, rt.world_size)  # an uneven split stops here
 compile = config["compile"] = rt.device_type == "cuda" if compile is None else compile  # recorded with the run
 use_flex = runtime.use_flex_attention(attention, prefix_sharing, rt)
 
@@ -154,6 +150,8 @@ tok, block_size = Tokenizer(start.tokenizer), policy.config.block_size  # the ch
 reference = None
 if use_reference and config["lora_rank"]:  # LoRA: the same model with its adapters off, no copy (lora.py)
     reference = AdaptersOff(policy)
+elif use_reference and ref_ckpt:  # online rounds: the reference stays the SFT model while the policy moves on
+    reference = checkpoint.reference_from(ref_ckpt, start, rt.device)
 elif use_reference:
     reference = copy.deepcopy(policy)  # its own weights, which never change:
     reference.eval()                   # eval mode,
@@ -163,14 +161,6 @@ elif use_reference:
 # 2. the pairs, as text. On the embedded task (or a dataset of checkable solutions such as GSM8K): the verified
 # answer (chosen) over the SFT model's own mistake (rejected), sampled now from the policy, which is still the
 # SFT model. From a preference dataset: its pairs as published (KTO: unpaired rows, or pairs as one of each).
-sampler = torch.Generator(device=rt.device).manual_seed(seed)
-
-
-def generate(prompts, temperature):  # the policy's completions (text) for the pairs below
-    return complete(policy, prompts, tok, rt, task.max_new_tokens, f"building pairs, temperature {temperature}",
-                    temperature, sampler)
-
-
 eval_rows = []
 if dataset and dataset_kind(dataset, dataset_split, dataset_format or None) != "sft":  # a preference dataset
     task = None  # no verifier: evaluation reports held-out preference metrics instead
@@ -179,31 +169,31 @@ if dataset and dataset_kind(dataset, dataset_split, dataset_format or None) != "
 else:  # a task with a verifier: solutions whose final number can be checked (GSM8K), or the embedded task
     task = AnswerTask(*load_splits(dataset, "sft", dataset_format, dataset_split, eval_dataset, eval_split,
                                    skip_bad_rows)[:2], n_eval) if dataset else AdditionTask(**start.task)
+    generate = partial(complete, policy, tok=tok, rt=rt, max_new_tokens=task.max_new_tokens, label="building pairs",
+                       generator=torch.Generator(device=rt.device).manual_seed(seed))  # (prompts, temperature=)
     # (from scratch there is no model to sample mistakes from: the task makes the rejected answers itself)
     rows, sources = task.build_pairs(generate if start.sft_ckpt else None, n_pairs, n_samples, sample_temperature,
-                                     seed)
-    report = "pairs: rejected answers from " + ", ".join(f"{n} {k}" for k, n in sources.items() if n)
+                                     seed) if pairs == "verified" else judged_pairs(
+        task, generate, n_pairs, n_samples, sample_temperature, judge_temperature, seed, loss_type == "kto")
+    report = f"{pairs} pairs: " + ", ".join(f"{n} {k}" for k, n in sources.items() if n)
+    runtime.check_same_on_all_ranks(rows, rt)  # every rank sampled from the same weights with the same seed
 
 # ... as token ids: pairs (prompt, chosen, rejected), or KTO's examples (prompt, completion, desirable)
-encode = kto.encode if loss_type == "kto" else partial(cached_encode, encode_pair_rows)
-# (a dataset's token ids are cached on disk; on-policy pairs are new every run)
-train_data, skipped = encode(rows, tok, block_size, dataset or "embedded task pairs", use_cache=task is None)
+encode = kto.encode if loss_type == "kto" else partial(cached_encode, encode_pair_rows)  # (datasets: cached)
+train_data, skipped = encode(rows, tok, block_size, dataset or f"{pairs} pairs", use_cache=task is None,
+                             allow_empty=pairs == "judged")  # (a model's own empty answer is an answer)
 eval_data, eval_skipped = encode(eval_rows[:n_eval], tok, block_size, eval_dataset or dataset,
                                  use_cache=bool(eval_rows))
 if rt.master:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "pairs.jsonl"), "w") as f:  # to read what the model is taught
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    write_jsonl(os.path.join(out_dir, "pairs.jsonl"), rows)  # to read what the model is taught
     print(f"{report}; {len(train_data)} training rows, skipped: {skipped}"
           + (f"; {len(eval_data)} held-out rows, skipped: {eval_skipped}" if eval_rows else ""))
 
-# 3. how a model's log-probs of a batch of pairs are computed (both models: chosen and rejected rows in one batch
-# of 2B, or one packed row per pair), and where the reference's come from: the frozen model run live under no_grad
-# (the default); a table computed once before training, after which the model is freed (--precompute_ref); or
-# nowhere, a uniform reference whose log-probs are 0 (--reference_free, and the losses that never use a reference)
-layout = dict(pad_id=tok.pad_id, block_size=block_size, device=rt.device,  # how rows become padded batches:
-              multiple=16 if compile else 1,  # with compile, lengths padded to a multiple of 16 (fewer graphs)
-              logprobs=logprobs, chunk=logprob_chunk)  # and the log-prob path (logprobs.py)
+# 3. how a model's log-probs of a batch of pairs are computed (both models), and where the reference's come from:
+# the frozen model run live under no_grad (the default); a table computed once, after which the model is freed
+# (--precompute_ref); or nowhere, a uniform reference with log-probs 0 (--reference_free, simpo, orpo, sft)
+layout = dict(pad_id=tok.pad_id, block_size=block_size, device=rt.device, logprobs=logprobs, chunk=logprob_chunk,
+              multiple=16 if compile else 1)  # rows -> padded batches (with compile: lengths x16, fewer graphs)
 if prefix_sharing:  # one packed row [prompt | chosen | rejected] per pair: the prompt runs once
     pair_logps, count_tokens = partial(prefix_shared_logps, **layout, flex=use_flex), prefix_shared_tokens
 else:  # the concatenated forward (logprobs.concatenated_logps): chosen and rejected rows in one batch of 2B
@@ -269,18 +259,15 @@ forward_only = (reference is not None) + (loss_type == "kto") * (1 + (reference 
 logger = Logger(out_dir, rt, start_iter, max_iters, log_interval,
                 model_flops_per_token(policy, train_data, forward_only, logprobs), compile)
 if rt.master:
-    print(f"loss_type {loss_type}: {1 + isinstance(reference, torch.nn.Module)} model(s) in memory, "
-          f"{len(train_data)} training rows")
+    print(f"loss_type {loss_type}: {1 + isinstance(reference, torch.nn.Module)} model(s) in memory")
 
 
 def evaluate():
     """Held-out task_accuracy (a task with a verifier) and/or eval_loss, eval_rewards/... (held-out rows)."""
-    results = {"task_accuracy": evaluate_task(policy, task, tok, rt)} if task is not None else {}
+    results = evaluate_task(policy, task, tok, rt, reward=pairs == "judged") if task is not None else {}
     if eval_data:  # the training loss and metrics over the held-out rows, named eval_*
-        def held_out_loss(idx):
-            return compute_loss(policy, reference, [eval_data[i] for i in idx],
-                                None if eval_table is None else eval_table[idx])
-        results.update(evaluate_loss(policy, held_out_loss, len(eval_data), batch_size, rt))
+        results.update(evaluate_loss(policy, lambda idx: compute_loss(policy, reference, [eval_data[i] for i in idx],
+                       None if eval_table is None else eval_table[idx]), len(eval_data), batch_size, rt))
     return results
 
 

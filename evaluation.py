@@ -29,19 +29,24 @@ def complete(model, prompts, tok, rt, max_new_tokens, label, temperature=0.0, ge
 
 
 @torch.no_grad()
-def evaluate_task(model, task, tok, rt, batch_size=500):
-    """Held-out exact-match accuracy (0-1) of greedy completions of task.eval_prompts, checked by
-    task.is_correct. Under DDP each rank takes every world_size-th prompt and the counts are summed, so no
-    rank waits on another's share. Under FSDP2 every forward is a collective, so every rank generates for every
-    prompt instead (identical weights and inputs give identical outputs and the same number of steps)."""
+def evaluate_task(model, task, tok, rt, reward=False, batch_size=500):
+    """{'task_accuracy': held-out exact-match accuracy (0-1) of greedy completions of task.eval_prompts, checked
+    by task.is_correct}, and with reward=True 'task_reward': their mean graded reward (task.reward, what a judge
+    ranks by). Under DDP each rank takes every world_size-th prompt and the sums are reduced, so no rank waits
+    on another's share. Under FSDP2 every forward is a collective, so every rank generates for every prompt
+    instead (identical weights and inputs give identical outputs and the same number of steps)."""
     rank, world = (0, 1) if rt.fsdp else (rt.rank, rt.world_size)
     prompts = task.eval_prompts[rank::world]
     texts = complete(model, prompts, tok, rt, task.max_new_tokens, "evaluating held-out prompts", batch_size=batch_size)
-    correct = sum(task.is_correct(p, t) for p, t in zip(prompts, texts))
-    counts = torch.tensor([correct, len(prompts)], dtype=torch.float64, device=rt.device)
+    sums = torch.tensor([sum(task.is_correct(p, t) for p, t in zip(prompts, texts)),
+                         sum(task.reward(p, t) for p, t in zip(prompts, texts)) if reward else 0.0, len(prompts)],
+                        dtype=torch.float64, device=rt.device)
     if not rt.fsdp:
-        counts = all_reduce_sum(counts, rt)
-    return (counts[0] / counts[1]).item()
+        sums = all_reduce_sum(sums, rt)
+    results = {"task_accuracy": (sums[0] / sums[2]).item()}
+    if reward:
+        results["task_reward"] = (sums[1] / sums[2]).item()
+    return results
 
 
 @torch.no_grad()

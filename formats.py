@@ -341,6 +341,13 @@ def load_splits(dataset, kind, dataset_format, train_split, eval_dataset, eval_s
     return train_rows, eval_rows, report
 
 
+def write_jsonl(path, rows):
+    """Rows (dicts) as a .jsonl file, one JSON object a line, its folder made if need be: what a run was taught."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 # -----------------------------------------------------------------------------------------------------------
 # The token cache
 
@@ -351,14 +358,15 @@ def token_cache_dir():
     return os.environ.get("NANOPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanopo")
 
 
-def cached_encode(encode, rows, tok, block_size, source, use_cache=True):
-    """encode(rows, tok, block_size, source=source) (encode_sft_rows or encode_pair_rows), its result kept on disk
+def cached_encode(encode, rows, tok, block_size, source, use_cache=True, allow_empty=False):
+    """encode(rows, tok, block_size, source=source, allow_empty=...) (encode_sft_rows or encode_pair_rows), its
+    result kept on disk
     under token_cache_dir() ($NANOPO_CACHE, else ~/.cache/nanopo) and keyed by a hash of the rows' text, the
     tokenizer and the block size: a second run over the same data reads the token ids back instead of
     tokenising again (hashing text is far cheaper than BPE). Returns (encoded rows, SkipCounter)."""
     if not use_cache:
-        return encode(rows, tok, block_size, source=source)
-    h = hashlib.sha256(json.dumps([encode.__name__, tok.name, block_size, TOKEN_CACHE_VERSION]).encode())
+        return encode(rows, tok, block_size, source=source, allow_empty=allow_empty)
+    h = hashlib.sha256(json.dumps([encode.__name__, tok.name, block_size, TOKEN_CACHE_VERSION, allow_empty]).encode())
     for row in rows:
         h.update(json.dumps(row, sort_keys=True).encode())
     path = os.path.join(token_cache_dir(), h.hexdigest()[:32] + ".pt")
@@ -370,7 +378,7 @@ def cached_encode(encode, rows, tok, block_size, source, use_cache=True):
             return [tuple(r) for r in saved["rows"]], skipped
         except Exception:
             pass  # unreadable (a foreign or cut-short file): tokenise again and rewrite it
-    out, skipped = encode(rows, tok, block_size, source=source)
+    out, skipped = encode(rows, tok, block_size, source=source, allow_empty=allow_empty)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp.{os.getpid()}"

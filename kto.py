@@ -25,19 +25,20 @@ from losses import kto_loss, kto_mismatched_indices
 from runtime import all_reduce_sum
 
 
-def encode(rows, tok, block_size, source, use_cache=False):
+def encode(rows, tok, block_size, source, use_cache=False, allow_empty=False):
     """Text rows -> examples [(prompt_ids, completion_ids, desirable)] and a SkipCounter: unpaired rows
     {'prompt', 'completion', 'label'} as labelled; each pair {'prompt', 'chosen', 'rejected'} as a desirable
-    chosen and an undesirable rejected example."""
+    chosen and an undesirable rejected example. allow_empty: as data.encode_sft_rows."""
     if rows and "label" in rows[0]:
         # encoded per label, so a skipped row cannot shift the labels of the others
         good, skipped = encode_sft_rows([{"prompt": r["prompt"], "response": r["completion"]} for r in rows
-                                         if r["label"]], tok, block_size, source=source)
+                                         if r["label"]], tok, block_size, source=source, allow_empty=allow_empty)
         bad, skipped_bad = encode_sft_rows([{"prompt": r["prompt"], "response": r["completion"]} for r in rows
-                                            if not r["label"]], tok, block_size, source=source)
+                                            if not r["label"]], tok, block_size, source=source,
+                                           allow_empty=allow_empty)
         skipped.add_all(skipped_bad)
         return [(p, y, True) for p, y in good] + [(p, y, False) for p, y in bad], skipped
-    pairs, skipped = cached_encode(encode_pair_rows, rows, tok, block_size, source, use_cache)
+    pairs, skipped = cached_encode(encode_pair_rows, rows, tok, block_size, source, use_cache, allow_empty)
     return [(p, c, True) for p, c, _ in pairs] + [(p, r, False) for p, _, r in pairs], skipped
 
 

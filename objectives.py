@@ -6,16 +6,18 @@ log-probs. This is the one dispatch point: the losses themselves stay pure funct
 """
 
 import math
+import os
 
 import torch
 
 import configurator
+import kto
 from errors import UserError
 from logprobs import average_logps
 from losses import (F_DIVERGENCES, aot_loss, apo_down_loss, apo_zero_loss, bco_loss, discopop_loss, dpo_loss,
                     exo_loss, f_divergence, hinge_loss, implicit_rewards, ipo_loss, nca_loss, orpo_loss, robust_loss,
                     sft_loss, simpo_loss, sppo_hard_loss)
-from runtime import all_reduce_sum
+from runtime import all_reduce_sum, micro_batches
 
 # The pairwise losses, by what they read. kto (unpaired, kto.py) stands apart.
 AVERAGED = ("dpo_norm", "ipo")  # per-token average log-probs of policy and reference; the rest sum them
@@ -122,6 +124,9 @@ def check_loss_options(cfg):
     if sync and (cfg["precompute_ref"] or cfg["reference_free"]):
         raise UserError(f"{moved}: with {'precompute_ref' if cfg['precompute_ref'] else 'reference_free'} "
                         "there is no reference model to move")
+    if "kto" in names:  # the ranks torchrun starts: WORLD_SIZE is set before the script runs
+        kto.check_micro_batch(micro_batches(cfg["batch_size"], cfg["gradient_accumulation_steps"],
+                                            int(os.environ.get("WORLD_SIZE", 1)))[1])
 
 
 def needs_reference(loss_type, reference_free=False):

@@ -4,6 +4,8 @@ step's rows split over ranks and micro-batches, and wrapping the model for train
 torch.compile). sft.py and dpo.py call these verbs; none of them runs a loop.
 """
 
+import hashlib
+import json
 import os
 import random
 import sys
@@ -93,6 +95,19 @@ def all_reduce_sum(t, rt):
     if rt.ddp:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def check_same_on_all_ranks(rows, rt):
+    """Under DDP every rank builds its own copy of the training rows (the same seed, the same weights): make sure
+    they are the same rows everywhere, or stop with one line. A no-op in one process."""
+    if not rt.ddp:
+        return
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    digests = [None] * rt.world_size
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) > 1:
+        raise UserError("the ranks built different training rows (sampling is not reproducible across processes "
+                        "here): run in one process")
 
 
 def cleanup(rt):

@@ -136,7 +136,7 @@ def compute_loss(model, rows):
 
 def evaluate():
     """Held-out task_accuracy (embedded task, GSM8K) and/or eval_loss (NLL per response token of held-out rows)."""
-    results = {"task_accuracy": evaluate_task(model, task, tok, rt)} if task is not None else {}
+    results = evaluate_task(model, task, tok, rt) if task is not None else {}
     if eval_data:  # batches weighted by their response tokens: a mean per token, whatever batch_size
         results.update(evaluate_loss(model, lambda idx: (compute_loss(model, [eval_data[i] for i in idx]), {}),
                                      len(eval_data), batch_size, rt, row_weights=[len(r) for _, r in eval_data]))

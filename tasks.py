@@ -1,9 +1,11 @@
 """
 Tasks with a verifier: the embedded n-digit addition task (the default, offline, seconds on a CPU) and datasets of
 solutions whose final number can be checked (GSM8K). Each gives held-out prompts, an exact checker, and
-on-policy preference pairs built from a model's own mistakes.
+on-policy preference pairs built from a model's own mistakes. For the addition task, also a hidden judge that
+only compares answers (JudgedPairs): preference pairs when comparisons are all there is.
 """
 
+import math
 import random
 import re
 from decimal import Decimal, InvalidOperation
@@ -58,6 +60,16 @@ class AdditionTask:
     def is_correct(self, prompt, completion):
         return completion.strip() == self.answer(*self.parse(prompt))
 
+    def reward(self, prompt, completion):
+        """The graded true reward of an answer: -log(1 + |answer - sum|). 0 for the exact sum, falling slowly
+        with the error (-0.69 one off, -2.4 ten off, -4.6 a hundred off). An answer that is no number (an empty
+        one included) gets the floor, -log(1 + 10**max_new_tokens), below every answer the model can write."""
+        try:
+            value = int(completion.strip())
+        except ValueError:
+            return -math.log1p(10 ** self.max_new_tokens)
+        return -math.log1p(abs(value - sum(self.parse(prompt))))
+
     def sft_rows(self, slip_prob, seed):
         """One demonstration per training problem; returns (rows, n_wrong) with rows [{'prompt', 'response'}]."""
         rng = random.Random(seed)
@@ -78,15 +90,15 @@ class AdditionTask:
         """Preference pairs for `n_prompts` training problems: chosen = the verified correct answer; rejected =
         the model's own greedy answer when it is wrong (an on-policy negative), else the first wrong one of
         `n_samples` samples at `temperature`, else a one-digit corruption of the correct answer.
-        generate_fn(prompts, temperature) -> completions (strings). Without a model to sample
+        generate_fn(prompts, temperature=t) -> completions (strings). Without a model to sample
         (generate_fn=None, one-stage ORPO from scratch) the rejected answer is the demonstrations' slip where it is
         wrong, else a corruption. Returns (rows, counts by source)."""
         rng = random.Random(seed)
         problems = rng.sample(self.train_problems, min(n_prompts, len(self.train_problems)))
         prompts = [self.prompt(a, b) for a, b in problems]
         if generate_fn is not None:
-            outputs = [("greedy", generate_fn(prompts, 0.0))]
-            outputs += [("sampled", generate_fn(prompts, temperature)) for _ in range(n_samples)]
+            outputs = [("greedy", generate_fn(prompts, temperature=0.0))]
+            outputs += [("sampled", generate_fn(prompts, temperature=temperature)) for _ in range(n_samples)]
         else:
             outputs = [("slip", [self.no_carry_answer(a, b) for a, b in problems])]
         rows, counts = [], {"greedy": 0, "sampled": 0, "slip": 0, "corruption": 0}
@@ -99,6 +111,61 @@ class AdditionTask:
             counts[source] += 1
             rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
         return rows, counts
+
+
+# -----------------------------------------------------------------------------------------------------------
+# When comparisons are all there is: the model's own samples, ranked by a hidden judge
+
+def bradley_terry(r1, r2, tau):
+    """P(y1 is preferred to y2) = sigmoid((r1 - r2) / tau) (Bradley-Terry with temperature tau: the judge's noise;
+    tau -> 0 always picks the better answer, a large tau is a coin flip)."""
+    return 1 / (1 + math.exp(-max(min((r1 - r2) / tau, 700.0), -700.0)))
+
+
+def judged_pairs(task, generate_fn, n_prompts, n_samples, temperature, tau, seed, unpaired=False):
+    """Preference data with no reference answer in it: for `n_prompts` training problems, n_samples (>= 2) of
+    the model's own answers at `temperature` (generate_fn(prompts, temperature=t) -> completions), labelled by a
+    hidden judge who knows task.reward but shows only its verdicts:
+      - pairs (default): two distinct samples of a prompt drawn at random; y1 becomes chosen with probability
+        bradley_terry(r1, r2, tau). Equal rewards (a tie: e.g. 105 and 107 for 106) get the same coin flip, and
+        are counted. A prompt whose samples are all alike gives no pair, counted.
+      - unpaired (KTO's natural data): every distinct sample of a prompt gets a thumbs up with probability
+        bradley_terry(r, r_typical, tau), r_typical the mean reward of all the samples drawn: better than a
+        typical answer, or not.
+    An empty sample (EOS first) is an answer like any other: the judge ranks it at the floor, and it trains as a
+    response of EOS alone (counted). Returns (rows, counts): rows {'prompt', 'chosen', 'rejected'} or
+    {'prompt', 'completion', 'label'}; counts, for the report line, include the share of chosen answers that are
+    exactly right, which only the judge knows."""
+    if not hasattr(task, "reward"):
+        raise UserError("pairs='judged' needs the embedded task, whose judge grades answers: not a dataset")
+    if n_samples < 2:
+        raise UserError(f"pairs='judged' compares two of the model's own samples: n_samples >= 2, not {n_samples}")
+    rng = random.Random(seed)
+    problems = rng.sample(task.train_problems, min(n_prompts, len(task.train_problems)))
+    prompts = [task.prompt(a, b) for a, b in problems]
+    samples = [generate_fn(prompts, temperature=temperature) for _ in range(n_samples)]
+    counts = {"prompts": len(prompts), "empty samples": sum(not s[i].strip() for s in samples for i in
+                                                             range(len(prompts)))}
+    distinct = [list(dict.fromkeys(s[i].strip() for s in samples)) for i in range(len(prompts))]
+    if unpaired:
+        typical = sum(task.reward(p, y) for p, ys in zip(prompts, distinct) for y in ys) / sum(map(len, distinct))
+        rows = [{"prompt": p, "completion": y, "label": rng.random() < bradley_terry(task.reward(p, y), typical, tau)}
+                for p, ys in zip(prompts, distinct) for y in ys]
+        counts.update(examples=len(rows), thumbs_up=sum(r["label"] for r in rows))
+        return rows, counts
+    rows, ties, correct = [], 0, 0
+    for prompt, answers in zip(prompts, distinct):
+        if len(answers) < 2:
+            continue
+        y1, y2 = rng.sample(answers, 2)
+        r1, r2 = task.reward(prompt, y1), task.reward(prompt, y2)
+        ties += r1 == r2
+        chosen, rejected = (y1, y2) if rng.random() < bradley_terry(r1, r2, tau) else (y2, y1)
+        correct += task.is_correct(prompt, chosen)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    counts.update({"pairs": len(rows), "no two distinct samples": len(prompts) - len(rows), "ties": ties,
+                   "chosen exactly right (hidden)": correct})
+    return rows, counts
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -165,8 +232,8 @@ class AnswerTask:
         prompts = [r["prompt"] for r in rows_in]
         if generate_fn is None:
             raise UserError("pairs for a dataset of solutions are sampled from the SFT model: use init_from='sft'")
-        outputs = [("greedy", generate_fn(prompts, 0.0))]
-        outputs += [("sampled", generate_fn(prompts, temperature)) for _ in range(n_samples)]
+        outputs = [("greedy", generate_fn(prompts, temperature=0.0))]
+        outputs += [("sampled", generate_fn(prompts, temperature=temperature)) for _ in range(n_samples)]
         rows, counts = [], {"greedy": 0, "sampled": 0, "all correct": 0}
         for i, r in enumerate(rows_in):
             wrong = next(((src, out[i]) for src, out in outputs

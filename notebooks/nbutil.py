@@ -38,21 +38,22 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
-def ensure_sft():
-    """Run the short SFT into out/notebooks/sft unless a checkpoint made with the same settings is already
-    there (every notebook calls this; the first one pays for it: ~30-45 s on a 2-core CPU). Returns the
-    checkpoint's path."""
+def ensure_sft(args=None, out_dir=SFT_DIR):
+    """Run an SFT (by default the short one notebooks 03 and 04 share) into out_dir unless a checkpoint made with
+    the same settings is already there (the first notebook to ask pays for it: ~30-45 s on a 2-core CPU).
+    Returns the checkpoint's path."""
     from checkpoint import load_checkpoint
     from errors import UserError
-    path = f"{SFT_DIR}/ckpt.pt"
+    args = SFT_ARGS if args is None else args
+    path = f"{out_dir}/ckpt.pt"
     try:
         cfg = load_checkpoint(path)["config"]
-        if all(cfg.get(k) == v for k, v in dict(SFT_ARGS, out_dir=SFT_DIR).items()):
+        if all(cfg.get(k) == v for k, v in dict(args, out_dir=out_dir).items()):
             print(f"reusing {path}")
             return path
     except UserError:  # missing, unreadable or of an older format: train it again
         pass
-    run_all({"sft": (["sft.py"], dict(SFT_ARGS, out_dir=SFT_DIR))})
+    run_all({"sft": (["sft.py"], dict(args, out_dir=out_dir))})
     return path
 
 
@@ -100,8 +101,9 @@ def sampled_kl(policy, reference, task, tok, n_prompts=500, max_new_tokens=8, se
     """Monte-Carlo estimate of KL(policy || reference) on held-out prompts, in nats per completion:
     sample y ~ policy(.|x) at temperature 1, then average log policy(y|x) - log reference(y|x) over the
     samples (the log-probs are summed over the sampled tokens, EOS included when it was sampled).
-    Also returns the samples' exact-match accuracy: the reward the KL is paid for. Returns a dict with
-    kl, kl_stderr and sampled_accuracy."""
+    Also returns the samples' exact-match accuracy, and their mean graded reward when the task has one (what a
+    judge ranks by): the reward the KL is paid for. Returns a dict with kl, kl_stderr, sampled_accuracy and
+    sampled_reward (or None)."""
     from data import collate
     from logprobs import summed_logps, token_logps
     policy.eval()
@@ -116,8 +118,10 @@ def sampled_kl(policy, reference, task, tok, n_prompts=500, max_new_tokens=8, se
     log_ratio = (summed_logps(token_logps(policy(idx)[0], targets), mask)[0]
                  - summed_logps(token_logps(reference(idx)[0], targets), mask)[0])  # (n,)
     correct = [task.is_correct(task.prompt(a, b), tok.decode(o)) for (a, b), o in zip(problems, outs)]
+    rewards = [task.reward(task.prompt(a, b), tok.decode(o)) for (a, b), o in zip(problems, outs)]
     return {"kl": log_ratio.mean().item(), "kl_stderr": (log_ratio.std() / len(seqs) ** 0.5).item(),
-            "sampled_accuracy": sum(correct) / len(correct)}
+            "sampled_accuracy": sum(correct) / len(correct), "sampled_reward": sum(rewards) / len(rewards)}
+
 
 
 def load_model(path):

@@ -1,0 +1,77 @@
+"""
+Online (iterative) DPO: K rounds of "sample pairs from the current policy, have them judged, train on them".
+Each round is one dpo.py run (--pairs=judged by default): its policy starts from the previous round's checkpoint
+(the first round's from the SFT model), it samples and judges fresh pairs from that policy, and trains. The
+reference either stays the SFT model in every round (--reference=sft, as RLHFlow's iterative recipe does) or is
+the round's starting policy, the previous round's result (--reference=previous, as Iterative RPO does).
+
+The budget is the offline run's: n_pairs judged pairs and max_iters optimizer steps in all, split evenly over
+the rounds, so `--rounds=1` is the offline baseline at the same cost.
+
+$ python online_dpo.py                                   # 4 rounds from out/sft/ckpt.pt into out/online
+$ python online_dpo.py --rounds=1 --out_dir=out/offline  # one offline round at the same budget
+$ python online_dpo.py --reference=previous              # each round's reference is the previous round's policy
+$ python online_dpo.py --dpo_args="--loss_type=ipo --beta=0.5"   # any dpo.py setting, for every round
+$ python online_dpo.py --nproc=2                         # each round under torchrun on 2 processes
+Interrupted? Run the same command again: finished rounds are kept, an unfinished one resumes from its checkpoint.
+"""
+
+import os
+import shlex
+import subprocess
+import sys
+
+import torch
+
+from configurator import apply_overrides
+from errors import UserError, install_error_handler
+
+install_error_handler()
+# -----------------------------------------------------------------------------------------------------------
+out_dir = "out/online"    # round k goes to out_dir/round<k>
+sft_ckpt = "out/sft/ckpt.pt"
+rounds = 4                # K; 1 = offline
+reference = "sft"         # 'sft': the SFT model in every round; 'previous': the round's starting policy
+pairs = "judged"          # dpo.py's --pairs: 'judged' (no answer shown) or 'verified'
+n_pairs = 2000            # judged pairs in all, n_pairs / rounds per round
+max_iters = 100           # optimizer steps in all, max_iters / rounds per round
+seed = 1                  # round k uses seed + k - 1: other prompts, other samples
+nproc = 1                 # > 1: run each round with torchrun --standalone --nproc_per_node=nproc
+dpo_args = ""             # more dpo.py settings for every round, e.g. "config/judged_dpo.py --beta=0.5"
+# -----------------------------------------------------------------------------------------------------------
+config = apply_overrides(globals())
+if reference not in ("sft", "previous"):
+    raise UserError(f"unknown reference '{reference}': expected 'sft' or 'previous'")
+if rounds < 1 or n_pairs < rounds or max_iters < rounds:
+    raise UserError(f"rounds={rounds} must be >= 1 and at most n_pairs={n_pairs} and max_iters={max_iters}")
+here = os.path.dirname(os.path.abspath(__file__))
+
+
+def finished(round_dir, iters):
+    """Whether round_dir holds a checkpoint written at the end of the round."""
+    path = os.path.join(round_dir, "ckpt.pt")
+    return os.path.exists(path) and torch.load(path, map_location="cpu", weights_only=True)["iter_num"] >= iters
+
+
+start, per_round = sft_ckpt, max_iters // rounds
+for k in range(1, rounds + 1):
+    round_dir = os.path.join(out_dir, f"round{k}")
+    if finished(round_dir, per_round):
+        print(f"round {k}/{rounds}: finished earlier, {round_dir}")
+    else:
+        resume = os.path.exists(os.path.join(round_dir, "ckpt.pt"))  # a checkpoint from within the round
+        # dpo_args first: a config file among them must not override the round's own settings, which follow
+        args = [*shlex.split(dpo_args), f"--init_from={'resume' if resume else 'sft'}", f"--sft_ckpt={start}",
+                f"--out_dir={round_dir}", f"--ref_ckpt={sft_ckpt if reference == 'sft' and k > 1 else ''}",
+                f"--pairs={pairs}", f"--n_pairs={n_pairs // rounds}", f"--max_iters={per_round}",
+                f"--eval_interval={per_round}", f"--seed={seed + k - 1}"]
+        launcher = [sys.executable] if nproc == 1 else ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
+        print(f"round {k}/{rounds}: $ {' '.join(['python' if nproc == 1 else ' '.join(launcher), 'dpo.py', *args])}",
+              flush=True)
+        if subprocess.run(launcher + [os.path.join(here, "dpo.py"), *args]).returncode != 0:
+            raise UserError(f"round {k} failed (its output is above); run the same command again to resume it")
+    start = os.path.join(round_dir, "ckpt.pt")  # the next round's policy starts here
+final = torch.load(start, map_location="cpu", weights_only=True)
+shown = ", ".join(f"{key} {final[key]:.1%}" if key == "task_accuracy" else f"{key} {final[key]:.4f}"
+                  for key in ("task_accuracy", "task_reward") if key in final)
+print(f"ONLINE done: {rounds} round(s), reference {reference}: held-out {shown} -> {start}")

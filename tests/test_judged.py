@@ -1,0 +1,175 @@
+"""Judged pairs (dpo.py --pairs=judged) and online rounds (online_dpo.py): the hidden judge's verdicts follow
+Bradley-Terry, ties and empty answers are handled and counted, the trainer's rows hold no reference answer,
+KTO gets thumbs up/down, ranks build the same pairs under torchrun, and rounds resume between and within."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data import Tokenizer, encode_pair_rows
+from tasks import AdditionTask, bradley_terry, judged_pairs
+from test_ddp import assert_same_losses, run
+from test_dpo_options import SFT, run_script
+
+TASK = AdditionTask(n_digits=2, n_eval=100, seed=1234)
+
+
+def fake_generate(offsets):
+    """A stand-in model: sample k of prompt 'a+b=' is the sum + offsets[k] (a string; None = empty answer)."""
+    calls = []
+
+    def generate(prompts, temperature):
+        k = len(calls) % len(offsets)
+        calls.append(temperature)
+        return ["" if offsets[k] is None else str(sum(TASK.parse(p)) + offsets[k]) for p in prompts]
+    return generate
+
+
+def binomial_ok(hits, n, p, sigmas=4.0):
+    return abs(hits - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 4.0])
+def test_judge_prefers_by_bradley_terry(tau):
+    # every prompt's two samples: one off by 1 (reward -log 2), one off by 10 (-log 11)
+    rows, counts = judged_pairs(TASK, fake_generate([1, 10]), 4000, 2, 1.0, tau, seed=0)
+    p = 1 / (1 + math.exp(-(math.log(11) - math.log(2)) / tau))  # sigmoid((r1 - r2) / tau), by hand
+    near = sum(int(r["chosen"]) - sum(TASK.parse(r["prompt"])) == 1 for r in rows)
+    assert counts["pairs"] == len(rows) == 4000 and counts["ties"] == 0
+    assert binomial_ok(near, len(rows), p), (near / len(rows), p)
+    assert bradley_terry(-1.0, -1.0, tau) == 0.5 and bradley_terry(0.0, -1e9, tau) == 1.0  # finite at any gap
+
+
+def test_ties_are_coin_flips_and_counted():
+    rows, counts = judged_pairs(TASK, fake_generate([1, -1]), 2000, 2, 1.0, 0.1, seed=1)
+    assert counts["ties"] == 2000  # 1 above and 1 below the sum: the same reward
+    above = sum(int(r["chosen"]) > sum(TASK.parse(r["prompt"])) for r in rows)
+    assert binomial_ok(above, 2000, 0.5)
+
+
+def test_identical_samples_give_no_pair_and_empty_answers_are_ranked_and_encoded():
+    rows, counts = judged_pairs(TASK, fake_generate([3, 3]), 50, 2, 1.0, 1.0, seed=2)
+    assert rows == [] and counts["no two distinct samples"] == 50
+    rows, counts = judged_pairs(TASK, fake_generate([None, 2]), 500, 2, 1.0, 1.0, seed=3)
+    assert counts["empty samples"] == 500 and len(rows) == 500
+    assert all(r["rejected"] == "" for r in rows)  # the floor loses to any number here: sigmoid(> 14) rounds to 1
+    tok = Tokenizer("byte")
+    pairs, skipped = encode_pair_rows(rows, tok, 32, allow_empty=True)
+    assert len(pairs) == 500 and all(r == [tok.eos_id] for _, _, r in pairs)  # EOS alone
+    assert encode_pair_rows(rows, tok, 32)[1].reasons == {"empty response": 500}  # datasets still skip them
+
+
+def test_rows_hold_no_reference_answer():
+    # the model never writes the sum: then neither may any row (the judge knows it and shows only verdicts)
+    rows, counts = judged_pairs(TASK, fake_generate([1, 2, 5, -3]), 300, 4, 1.0, 1.0, seed=4)
+    assert rows and all(set(r) == {"prompt", "chosen", "rejected"} for r in rows)
+    truths = {r["prompt"]: str(sum(TASK.parse(r["prompt"]))) for r in rows}
+    assert all(truths[r["prompt"]] not in (r["chosen"], r["rejected"]) for r in rows)
+    assert counts["chosen exactly right (hidden)"] == 0
+
+
+def test_kto_gets_thumbs_up_and_down():
+    rows, counts = judged_pairs(TASK, fake_generate([0, 30]), 3000, 2, 1.0, 1.0, seed=5, unpaired=True)
+    assert len(rows) == counts["examples"] == 6000 and set(rows[0]) == {"prompt", "completion", "label"}
+    typical = (0.0 - math.log(31)) / 2  # the mean reward of all samples
+    for offset, reward in ((0, 0.0), (30, -math.log(31))):
+        labels = [r["label"] for r in rows if int(r["completion"]) - sum(TASK.parse(r["prompt"])) == offset]
+        assert binomial_ok(sum(labels), len(labels), bradley_terry(reward, typical, 1.0))
+
+
+def test_judged_pairs_need_two_samples_and_the_task():
+    from errors import UserError
+    with pytest.raises(UserError, match="n_samples >= 2"):
+        judged_pairs(TASK, fake_generate([1, 2]), 10, 1, 1.0, 1.0, seed=0)
+    with pytest.raises(UserError, match="needs the embedded task"):
+        judged_pairs(object(), fake_generate([1, 2]), 10, 2, 1.0, 1.0, seed=0)
+
+
+@pytest.fixture(scope="module")
+def sft_ckpt(tmp_path_factory, repo_root):
+    out = tmp_path_factory.mktemp("sft")
+    run_script(repo_root, "sft.py", SFT + [f"--out_dir={out}"])
+    return str(out / "ckpt.pt")
+
+
+JUDGED = ["--pairs=judged", "--n_samples=3", "--sample_temperature=1.5", "--n_pairs=64", "--batch_size=16",
+          "--max_iters=4", "--log_interval=1", "--learning_rate=1e-3", "--min_lr=1e-3"]
+
+
+def test_dpo_trains_on_judged_pairs(sft_ckpt, repo_root, tmp_path):
+    g = run_script(repo_root, "dpo.py", JUDGED + [f"--sft_ckpt={sft_ckpt}", f"--out_dir={tmp_path}",
+                                                  "--eval_interval=4"])
+    with open(tmp_path / "pairs.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert rows and all(set(r) == {"prompt", "chosen", "rejected"} for r in rows)
+    with open(tmp_path / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    train = [r for r in records if "loss" in r]
+    assert abs(train[0]["loss"] - math.log(2)) < 1e-6 and train[-1]["loss"] < train[0]["loss"]
+    evals = [r for r in records if "task_reward" in r]
+    assert [r["iter"] for r in evals] == [0, 4]  # the judge's mean reward of the greedy answers, held out
+    assert g["sources"]["pairs"] == len(rows)
+
+
+def test_kto_trains_on_thumbs(sft_ckpt, repo_root, tmp_path):
+    g = run_script(repo_root, "dpo.py", JUDGED + ["--loss_type=kto", f"--sft_ckpt={sft_ckpt}",
+                                                  f"--out_dir={tmp_path}", "--eval_interval=4"])
+    assert g["sources"]["examples"] == len(g["train_data"]) and 0 < g["sources"]["thumbs_up"] < len(g["train_data"])
+
+
+def test_two_ranks_train_on_the_same_judged_pairs(sft_ckpt, repo_root, script_env, tmp_path):
+    """Every rank samples and judges the pairs itself (same seed, same weights, checked by a hash across ranks):
+    2 processes log what 1 process with twice the accumulation logs."""
+    for name, nproc in (("one", 1), ("two", 2)):
+        run(["dpo.py", *JUDGED, "--max_iters=6", "--eval_interval=6", "--gradient_accumulation_steps=2",
+             "--batch_size=8", f"--sft_ckpt={sft_ckpt}", f"--out_dir={tmp_path / name}"], repo_root, script_env, nproc)
+    assert_same_losses(tmp_path / "one", tmp_path / "two", ["loss", "rewards/margins"])
+
+
+def online(repo_root, env, out_dir, sft_ckpt, *args):
+    cmd = [sys.executable, "online_dpo.py", f"--sft_ckpt={sft_ckpt}", f"--out_dir={out_dir}", "--rounds=2",
+           "--n_pairs=64", "--max_iters=8",
+           "--dpo_args=--n_samples=3 --sample_temperature=1.5 --batch_size=16 --log_interval=1 --learning_rate=1e-3 "
+           "--min_lr=1e-3 --n_eval=50", *args]
+    proc = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def first_loss(round_dir):
+    with open(os.path.join(round_dir, "metrics.jsonl")) as f:
+        return next(r["loss"] for r in map(json.loads, f) if "loss" in r)
+
+
+def test_online_rounds_their_reference_and_resume(sft_ckpt, repo_root, script_env, tmp_path):
+    out = online(repo_root, script_env, tmp_path / "sft_ref", sft_ckpt)
+    assert "ONLINE done: 2 round(s)" in out.strip().splitlines()[-1]
+    r1, r2 = tmp_path / "sft_ref" / "round1", tmp_path / "sft_ref" / "round2"
+    # round 2 starts from round 1's policy; its reference stays the SFT model, so its first loss is not ln 2
+    assert torch.load(r2 / "ckpt.pt", weights_only=True)["config"]["sft_ckpt"] == str(r1 / "ckpt.pt")
+    assert abs(first_loss(r1) - math.log(2)) < 1e-6 and abs(first_loss(r2) - math.log(2)) > 1e-4
+    online(repo_root, script_env, tmp_path / "prev_ref", sft_ckpt, "--reference=previous")
+    assert abs(first_loss(tmp_path / "prev_ref" / "round2") - math.log(2)) < 1e-6  # reference = its start
+
+    # between rounds: the same command again keeps both finished rounds
+    again = online(repo_root, script_env, tmp_path / "sft_ref", sft_ckpt)
+    assert again.count("finished earlier") == 2
+    # within a round: round 2 cut back to its iter-2 checkpoint resumes to the same weights, bit for bit
+    resumed = tmp_path / "resumed"
+    online(repo_root, script_env, resumed, sft_ckpt, "--dpo_args=--n_samples=3 --sample_temperature=1.5 "
+           "--batch_size=16 --log_interval=1 --learning_rate=1e-3 --min_lr=1e-3 --n_eval=50 --checkpoint_interval=2 "
+           "--keep_last=3")
+    full = torch.load(resumed / "round2" / "ckpt.pt", weights_only=True)["model"]
+    shutil.copy(resumed / "round2" / "ckpt_0000002.pt", resumed / "round2" / "ckpt.pt")
+    out = online(repo_root, script_env, resumed, sft_ckpt, "--dpo_args=--n_samples=3 --sample_temperature=1.5 "
+                 "--batch_size=16 --log_interval=1 --learning_rate=1e-3 --min_lr=1e-3 --n_eval=50 "
+                 "--checkpoint_interval=2 --keep_last=3")
+    assert "round 1/2: finished earlier" in out and "--init_from=resume" in out
+    again = torch.load(resumed / "round2" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(full[k], again[k]) for k in full)
