@@ -169,7 +169,8 @@ if dataset and dataset_kind(dataset, dataset_split, dataset_format or None) != "
 else:  # a task with a verifier: solutions whose final number can be checked (GSM8K), or the embedded task
     task = AnswerTask(*load_splits(dataset, "sft", dataset_format, dataset_split, eval_dataset, eval_split,
                                    skip_bad_rows)[:2], n_eval) if dataset else AdditionTask(**start.task)
-    generate = partial(complete, policy, tok=tok, rt=rt, max_new_tokens=task.max_new_tokens, label="building pairs",
+    generate = partial(complete, policy, tok=tok, rt=rt, max_new_tokens=task.max_new_tokens,
+                       label="building pairs, temperature {temperature}",
                        generator=torch.Generator(device=rt.device).manual_seed(seed))  # (prompts, temperature=)
     # (from scratch there is no model to sample mistakes from: the task makes the rejected answers itself)
     rows, sources = task.build_pairs(generate if start.sft_ckpt else None, n_pairs, n_samples, sample_temperature,

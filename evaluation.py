@@ -14,11 +14,12 @@ from runtime import all_reduce_sum, unwrap
 @torch.no_grad()
 def complete(model, prompts, tok, rt, max_new_tokens, label, temperature=0.0, generator=None, batch_size=500):
     """The plain model's completions (text) of `prompts`, greedy (temperature 0) or sampled, batch_size prompts
-    at a time, in eval mode, with progress lines under `label`: for evaluation, and for dpo.py's on-policy pairs."""
+    at a time, in eval mode, with progress lines under `label` (which may name {temperature}): for evaluation,
+    and for dpo.py's on-policy pairs."""
     raw = unwrap(model)
     was_training = raw.training
     raw.eval()
-    outs, progress = [], Progress(label, len(prompts), rt.master)
+    outs, progress = [], Progress(label.format(temperature=float(temperature)), len(prompts), rt.master)
     for i in range(0, len(prompts), batch_size):
         with rt.autocast():
             outs += raw.generate([tok.encode(p) for p in prompts[i:i + batch_size]], max_new_tokens, tok.eos_id,
