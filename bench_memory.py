@@ -26,8 +26,9 @@ autograd saves them: LayerNorm inputs, q/k/v, attention output, MLP inputs and G
 n_embd per block plus one block recomputed at a time) + 4 x 3 vocab_size (the policy's log-softmax kept for
 backward, and two more (rows, T, vocab) tensors at the peak: the reference's logits and log-softmax, or the
 backward's gradients of them; with --logprobs=chunked, 4 x 2 x chunk x vocab_size in all instead: a chunk's
-logits and a temporary of them). The peak is predicted as the larger of the forward/backward phase (weights,
-reference, gradients, activations) and the optimizer step (weights, reference, gradients, AdamW).
+logits and a temporary of them). The peak is predicted as the forward/backward of a step after the first, where
+everything is alive at once: weights, reference, AdamW's state (allocated by the first step, kept for the whole
+run), gradients and activations.
 
 Checkpointing recomputes the blocks, not the LM head: at GPT-2's 50,304-token vocabulary the (rows, T, vocab)
 float32 logits and log-softmax weigh as much as all twelve blocks' activations, so the floor "checkpointing
@@ -89,9 +90,7 @@ def predict(kind, shape, n_params, tokens, rank, logprobs="plain", chunk=1024):
              "gradients": 4 * trained, "adamw": 8 * trained,
              "activations": 4 * tokens * (n_layer * per_block + recompute)
              + (4 * tokens * 3 * vocab if logprobs == "plain" else 4 * 2 * min(chunk, tokens) * vocab)}
-    backward = parts["weights"] + parts["reference"] + parts["gradients"] + parts["activations"]
-    step = parts["weights"] + parts["reference"] + parts["gradients"] + parts["adamw"]
-    return parts, max(backward, step)
+    return parts, sum(parts.values())  # a later step's backward: AdamW's state outlives the step that made it
 
 
 def child(kind, settings):

@@ -152,7 +152,7 @@ RULES = {  # key: (holds for a sensible value, what the line says is expected)
     "threads": (lambda v: v >= 0, ">= 0 (0 = the default)"),
     "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "'auto', 'float32', 'bfloat16' or 'float16'"),
     "compile": (lambda v: v in (True, False), "True, False or None (on with CUDA)"),
-    "logprobs": (lambda v: v in ("chunked", "plain"), "'chunked' or 'plain'"),
+    "logprobs": (lambda v: v in ("auto", "chunked", "plain"), "'auto', 'chunked' or 'plain'"),
     "logprob_chunk": (lambda v: v >= 1, ">= 1"),
     "lora_rank": (lambda v: v >= 0, ">= 0 (0 = no LoRA: every weight trains)"),
     "lora_alpha": (lambda v: v > 0, "> 0"),

@@ -37,7 +37,8 @@ from errors import install_error_handler
 from evaluation import complete, evaluate_loss, evaluate_task
 from formats import cached_encode, dataset_kind, load_splits, write_jsonl
 from logger import Logger, model_flops_per_token, peak_rss_mb, summary
-from logprobs import concatenated_logps, concatenated_tokens, logps_table, prefix_shared_logps, prefix_shared_tokens
+from logprobs import (concatenated_logps, concatenated_tokens, logprob_path, logps_table, prefix_shared_logps,
+                      prefix_shared_tokens)
 from lora import AdaptersOff
 from objectives import Objective, check_loss_options, needs_reference
 from optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
@@ -82,7 +83,7 @@ rpo_alpha = 0.0           # > 0: add rpo_alpha * NLL of the chosen response to a
 precompute_ref = False    # one no-grad pass computes the reference log-probs, then the reference is freed
 prefix_sharing = False    # one row [prompt | chosen | rejected] per pair: the shared prompt is computed once
 attention = "auto"        # prefix-shared rows: 'flex' (FlexAttention), 'sdpa' (boolean mask), 'auto' = flex on CUDA
-logprobs = "chunked"      # 'chunked': the LM head only at response positions, in chunks; 'plain': logits everywhere
+logprobs = "auto"         # 'chunked': the LM head at response positions only; 'plain'; 'auto': chunked if vocab >= 4096
 logprob_chunk = 1024      # chunked: rows of logits made at a time (extra memory ~ chunk x vocab x 4 bytes)
 # data: the embedded task (default), or a dataset (README: "Your own data")
 dataset = ""              # '' = the embedded task; else a hub name or a .jsonl/.json/.parquet (pairs, kto rows, gsm8k)
@@ -131,8 +132,7 @@ grad_checkpoint = False   # recompute each block's activations in backward: far 
 config = apply_overrides(globals())
 check_config(config)       # nonsense values (batch_size=0, ...) stop here, in one line
 check_loss_options(config)  # so does an option the loss does not use (losses.LOSS_OPTIONS)
-if not out_dir:  # each loss a folder of its own: `--loss_type=ipo` never overwrites out/dpo
-    out_dir = config["out_dir"] = "out/sft_chosen" if loss_type == "sft" else f"out/{loss_type}"
+out_dir = config["out_dir"] = out_dir or ("out/sft_chosen" if loss_type == "sft" else f"out/{loss_type}")  # by loss
 # -----------------------------------------------------------------------------------------------------------
 
 t_start = time.time()
@@ -193,14 +193,14 @@ if rt.master:
 # 3. how a model's log-probs of a batch of pairs are computed (both models), and where the reference's come from:
 # the frozen model run live under no_grad (the default); a table computed once, after which the model is freed
 # (--precompute_ref); or nowhere, a uniform reference with log-probs 0 (--reference_free, simpo, orpo, sft)
-layout = dict(pad_id=tok.pad_id, block_size=block_size, device=rt.device, logprobs=logprobs, chunk=logprob_chunk,
+layout = dict(pad_id=tok.pad_id, block_size=block_size, device=rt.device, chunk=logprob_chunk,
+              logprobs=logprob_path(logprobs, policy.config.vocab_size),  # 'auto': chunked for a large vocabulary
               multiple=16 if compile else 1)  # rows -> padded batches (with compile: lengths x16, fewer graphs)
 if prefix_sharing:  # one packed row [prompt | chosen | rejected] per pair: the prompt runs once
     pair_logps, count_tokens = partial(prefix_shared_logps, **layout, flex=use_flex), prefix_shared_tokens
 else:  # the concatenated forward (logprobs.concatenated_logps): chosen and rejected rows in one batch of 2B
     pair_logps, count_tokens = partial(concatenated_logps, **layout), concatenated_tokens
 pair_logps = partial(pair_logps, ld_alpha=ld_alpha)  # LD-DPO (ld_alpha < 1) discounts both models' long tails
-
 
 train_table = eval_table = None
 if precompute_ref:  # (check_loss_options made sure the loss has a reference) one pass, under no_grad, batch by batch
@@ -258,7 +258,7 @@ if start.run:  # --init_from=resume: continue exactly where the run's checkpoint
 # KTO's mismatched rows through the policy, and through the reference)
 forward_only = (reference is not None) + (loss_type == "kto") * (1 + (reference is not None))
 logger = Logger(out_dir, rt, start_iter, max_iters, log_interval,
-                model_flops_per_token(policy, train_data, forward_only, logprobs), compile)
+                model_flops_per_token(policy, train_data, forward_only, layout["logprobs"]), compile)
 if rt.master:
     print(f"loss_type {loss_type}: {1 + isinstance(reference, torch.nn.Module)} model(s) in memory")
 

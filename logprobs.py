@@ -209,6 +209,17 @@ def wpo_weights(chosen_log_w, rejected_log_w, chosen_n, rejected_n):
 MASKS = ("mask", "chosen_mask", "rejected_mask")  # the masks a collated batch may have (data.py)
 
 
+AUTO_CHUNKED_VOCAB = 4096  # --logprobs=auto: the chunked path from this vocabulary size up
+
+
+def logprob_path(logprobs, vocab_size):
+    """The path --logprobs names, 'auto' resolved by the vocabulary: 'chunked' from AUTO_CHUNKED_VOCAB tokens up (at
+    GPT-2's 50,257 the LM head is a third of the FLOPs and its logits most of the activation memory), else 'plain'
+    (at the embedded task's 258 the head is about 1% of the FLOPs, so chunking saves nothing, and the plain path is
+    the one to read; the two paths differ in the last bits, which 1,500 SFT steps grow into a different model)."""
+    return ("chunked" if vocab_size >= AUTO_CHUNKED_VOCAB else "plain") if logprobs == "auto" else logprobs
+
+
 def _chunked(logprobs):
     if logprobs not in ("chunked", "plain"):
         raise ValueError(f"logprobs='{logprobs}': expected 'chunked' or 'plain'")

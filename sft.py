@@ -28,7 +28,7 @@ from errors import install_error_handler
 from evaluation import evaluate_loss, evaluate_task
 from formats import cached_encode, load_splits
 from logger import Logger, model_flops_per_token, peak_rss_mb, summary
-from logprobs import completion_logps
+from logprobs import completion_logps, logprob_path
 from losses import sft_loss
 from optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
 from tasks import AdditionTask, AnswerTask, gsm8k_answer
@@ -41,7 +41,7 @@ seed = 1
 device = "auto"           # 'auto' = cuda if available, else cpu; or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"            # 'auto' = bfloat16 on CUDA when supported, else float32; or 'float32', 'bfloat16'
 compile = None            # torch.compile: None = on with CUDA, off on a CPU (~30 s up front for little); or True/False
-logprobs = "chunked"      # 'chunked': the LM head only at response positions, in chunks; 'plain': logits everywhere
+logprobs = "auto"         # 'chunked': the LM head at response positions only; 'plain'; 'auto': chunked if vocab >= 4096
 logprob_chunk = 1024      # chunked: rows of logits made at a time (extra memory ~ chunk x vocab x 4 bytes)
 fsdp = False              # torchrun only: shard parameters, gradients and optimizer state with FSDP2
 threads = 0               # CPU threads (torch.set_num_threads); 0 = torch's default, one per core
@@ -124,7 +124,7 @@ if rt.master:
           + (f", {len(eval_data)} held-out rows (skipped: {eval_skipped})" if eval_rows else "")
           + f"; model: {model.get_num_params() / 1e6:.2f}M parameters")
 layout = dict(pad_id=tok.pad_id, block_size=block_size, device=rt.device, multiple=16 if compile else 1,
-              logprobs=logprobs, chunk=logprob_chunk)  # rows -> padded batches (logprobs.completion_logps)
+              logprobs=logprob_path(logprobs, model.config.vocab_size), chunk=logprob_chunk)  # (completion_logps)
 
 
 def compute_loss(model, rows):
@@ -157,7 +157,7 @@ guard = NonFiniteGuard(max_nonfinite)
 start_iter = 0
 if start.run:  # --init_from=resume: continue exactly where the run's checkpoint left off (weights, optimizer, data)
     start_iter, guard.total = checkpoint.resume(*start.run, model, optimizer, order, scaler, rt, max_iters)
-flops_per_token = model_flops_per_token(model, train_data, logprobs=logprobs)  # for MFU
+flops_per_token = model_flops_per_token(model, train_data, logprobs=layout["logprobs"])  # for MFU
 logger = Logger(out_dir, rt, start_iter, max_iters, log_interval, flops_per_token, compile)
 results = {}
 for it in range(start_iter, max_iters + 1):

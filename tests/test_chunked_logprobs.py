@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from data import collate, collate_prefix_shared
-from logprobs import (chunked_token_logps, completion_logps, concatenated_logps, prefix_shared_logps,
+from logprobs import (chunked_token_logps, completion_logps, concatenated_logps, logprob_path, prefix_shared_logps,
                       scored_columns, summed_logps)
 from losses import dpo_loss
 from model import GPT, GPTConfig, target_logps
@@ -274,7 +274,9 @@ def test_sft_and_dpo_runs_log_the_same_losses_either_way(repo_root, tmp_path):
     for logprobs in ("plain", "chunked"):
         run_script(repo_root, "sft.py", SFT + [f"--out_dir={tmp_path / ('sft_' + logprobs)}", f"--logprobs={logprobs}",
                                                "--logprob_chunk=100"])
+    run_script(repo_root, "sft.py", SFT + [f"--out_dir={tmp_path / 'sft_auto'}"])  # the default, 'auto'
     sft_plain, sft_chunked = logged(tmp_path / "sft_plain"), logged(tmp_path / "sft_chunked")
+    assert logged(tmp_path / "sft_auto") == sft_plain  # 'auto' at the embedded task's vocabulary: plain, bit for bit
     assert sft_plain[-1]["loss"] < sft_plain[0]["loss"] - 1.0  # it trained: equality is not trivial
     assert_same_records(sft_plain, sft_chunked, ["loss", "grad_norm"])
     assert logged(tmp_path / "sft_plain", "task_accuracy") == logged(tmp_path / "sft_chunked", "task_accuracy")
@@ -312,3 +314,10 @@ def test_mfu_counts_the_lm_head_where_it_runs(model):
         assert plain == model.flops_per_token(6.5) + forward_only * model.flops_per_token(6.5, train=False)
         chunked = model_flops_per_token(model, rows, forward_only, logprobs="chunked")
         assert chunked == pytest.approx(plain - (6 + 2 * forward_only) * VC * 8 / 13, rel=1e-12)
+
+
+def test_auto_picks_the_chunked_path_for_a_large_vocabulary():
+    assert logprob_path("auto", 258) == "plain"      # the embedded task's bytes + specials: the head costs nothing
+    assert logprob_path("auto", 50304) == "chunked"  # GPT-2's, padded
+    assert logprob_path("auto", 4096) == "chunked" and logprob_path("auto", 4095) == "plain"
+    assert logprob_path("plain", 50304) == "plain" and logprob_path("chunked", 258) == "chunked"  # as asked

@@ -207,7 +207,7 @@ def test_the_memory_benchmark_counts_what_the_model_holds(tiny_model, tiny_confi
     assert parts["activations"] == 4 * 10 * (2 * 16 * 32 + 3 * 258)
     ckpt, _ = bench_memory.predict("lora_ckpt", shape, 1000, tokens=10, rank=4)
     assert ckpt["activations"] == 4 * 10 * (2 * 32 + 16 * 32 + 3 * 258) and ckpt["reference"] == 0
-    assert peak == max(20 * 1000, 12 * 1000 + parts["activations"])
+    assert peak == 20 * 1000 + parts["activations"]  # AdamW's state is alive during every later step's backward
 
 
 # ---------------------------------------------------------------- activation checkpointing
