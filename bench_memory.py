@@ -39,7 +39,7 @@ $ python bench.py --memory=True --size=tiny                     # seconds: check
 $ python bench.py --memory=True --size=gpt2                     # GPT-2 124M shape, 2 pairs of 64 + 64 tokens
 $ python bench.py --memory=True --size=gpt2-medium              # 24 layers, 1024 wide (355M)
 $ python bench.py --memory=True --size=gpt2 --device=cuda       # on a GPU: bf16 autocast, max_memory_allocated
-$ python bench.py --memory=True --size=gpt2 --logprobs=chunked  # chunked log-probs (the scripts' default)
+$ python bench.py --memory=True --size=gpt2 --logprobs=chunked  # chunked log-probs (the scripts' default at GPT-2)
 """
 
 import copy
