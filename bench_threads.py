@@ -42,6 +42,7 @@ OUT = os.path.join("out", "bench_threads")
 
 
 def run(script, env, args):
+    """Run one script with extra environment variables (a '' value removes one); its stdout and wall seconds."""
     env = {k: v for k, v in {**os.environ, **env}.items() if v != ""}
     t0 = time.time()
     out = subprocess.run([sys.executable, os.path.join(HERE, script), *args], env=env, capture_output=True, text=True,

@@ -276,6 +276,7 @@ class BatchOrder:
         return torch.randperm(self.n, generator=g).tolist()
 
     def take(self, k):
+        """The next k row indices, starting a new shuffled epoch whenever one runs out."""
         out = []
         while len(out) < k:
             if self.pos == self.n:
@@ -290,6 +291,7 @@ class BatchOrder:
         return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "seed": self.seed}
 
     def load_state_dict(self, state):
+        """Continue where a checkpoint's order stopped; an order over other rows or another seed is an error."""
         if (state.get("n", self.n), state.get("seed", self.seed)) != (self.n, self.seed):
             raise UserError(f"the checkpoint's data order is over {state.get('n')} rows with seed {state.get('seed')}, "
                             f"this run has {self.n} rows with seed {self.seed}: resume with the same data and seed")

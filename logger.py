@@ -39,6 +39,7 @@ class Progress:
         self.t0 = self.last = time.time()
 
     def update(self, done):
+        """`done` of the total are finished: print a progress line if the loop is slow enough to need one."""
         now = time.time()
         if not self.master or now - self.t0 < PROGRESS_AFTER or now - self.last < PROGRESS_EVERY or not done:
             return

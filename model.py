@@ -152,6 +152,7 @@ class Block(nn.Module):
         return self.layers(x, attn_mask, cache)
 
     def layers(self, x, attn_mask=None, cache=None):
+        """The block itself, pre-norm residual: what checkpointing recomputes in backward."""
         x = x + self.attn(self.ln_1(x), attn_mask, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -186,6 +187,7 @@ class ChunkedTargetLogps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # d log p(target) / d logits = onehot(target) - softmax, a chunk's logits made again from hidden and weight
         hidden, weight, targets, lse = ctx.saved_tensors
         chunk, dtype = ctx.chunk, ctx.dtype
         h, w = hidden.to(dtype), weight.to(dtype)

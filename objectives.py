@@ -197,6 +197,7 @@ class RunningMean:
         self.total, self.count = 0.0, 0
 
     def update(self, values, rt=None):
+        """Add a batch of rewards (summed over all ranks) to the running mean."""
         totals = torch.stack([values.detach().double().sum(), torch.tensor(float(values.numel()), dtype=torch.float64,
                                                                            device=values.device)])
         if rt is not None:

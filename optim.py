@@ -61,6 +61,8 @@ class NonFiniteGuard:
         self.max_in_a_row, self.total, self.in_a_row = max_in_a_row, total, 0
 
     def all_finite(self, step_loss, grad_norm, scaler, rt, it):
+        """Whether this step may update the weights, the same answer on every rank (its loss is reduced first);
+        counts a skip, and stops the run after max_in_a_row non-finite steps in a row."""
         loss = all_reduce_sum(step_loss.detach().float().reshape(1).clone(), rt)
         # with fp16, GradScaler finds overflowing gradients itself and skips those steps in scaler.step
         finite = bool(torch.isfinite(loss).all() and (scaler.is_enabled() or torch.isfinite(grad_norm)))
