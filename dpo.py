@@ -95,6 +95,7 @@ skip_bad_rows = False     # count and skip malformed rows instead of stopping at
 # pairs built on the embedded task or a dataset of solutions (task settings come from the SFT checkpoint)
 pairs = "verified"        # the correct answer over the model's own mistake; 'judged': two samples ranked by a judge
 judge_temperature = 1.0   # judged: the judge's noise, P(y1 > y2) = sigmoid((r1 - r2) / judge_temperature)
+judge_reward = "log_error"  # judged: the judge's grade, 'log_error' (-log(1 + |error|)) or 'digits' (wrong places)
 n_pairs = 2000            # training prompts that get a pair
 n_samples = 2             # samples per prompt (temperature below): verified, looked at when the greedy answer is
 sample_temperature = 1.0  # right; judged, two distinct ones make the pair
@@ -134,7 +135,6 @@ check_config(config)       # nonsense values (batch_size=0, ...) stop here, in o
 check_loss_options(config)  # so does an option the loss does not use (losses.LOSS_OPTIONS)
 out_dir = config["out_dir"] = out_dir or ("out/sft_chosen" if loss_type == "sft" else f"out/{loss_type}")  # by loss
 # -----------------------------------------------------------------------------------------------------------
-
 t_start = time.time()
 rt = runtime.setup(device, dtype, seed, fsdp, threads)
 runtime.micro_batches(batch_size, gradient_accumulation_steps, rt.world_size)  # an uneven split stops here
@@ -167,8 +167,8 @@ if dataset and dataset_kind(dataset, dataset_split, dataset_format or None) != "
     rows, eval_rows, report = load_splits(dataset, "kto" if loss_type == "kto" else "pairs", dataset_format,
                                           dataset_split, eval_dataset, eval_split, skip_bad_rows)
 else:  # a task with a verifier: solutions whose final number can be checked (GSM8K), or the embedded task
-    task = AnswerTask(*load_splits(dataset, "sft", dataset_format, dataset_split, eval_dataset, eval_split,
-                                   skip_bad_rows)[:2], n_eval) if dataset else AdditionTask(**start.task)
+    task = AdditionTask(**start.task, reward=judge_reward) if not dataset else AnswerTask(*load_splits(
+        dataset, "sft", dataset_format, dataset_split, eval_dataset, eval_split, skip_bad_rows)[:2], n_eval)
     generate = partial(complete, policy, tok=tok, rt=rt, max_new_tokens=task.max_new_tokens,
                        label="building pairs, temperature {temperature}",
                        generator=torch.Generator(device=rt.device).manual_seed(seed))  # (prompts, temperature=)

@@ -63,6 +63,7 @@ n_digits = 2              # a+b with n-digit a and b
 n_eval = 1000             # held-out problems, disjoint from training
 task_seed = 1234          # fixes the train/held-out split, whatever --seed is
 slip_prob = 0.6           # fraction of demonstrations given the 'forgot every carry' answer
+slip = "every"            # 'every': a slip forgets every carry; 'each': each carry slips with slip_prob on its own
 # model (nanoGPT's names)
 n_layer = 4
 n_head = 4
@@ -94,7 +95,6 @@ grad_checkpoint = False   # recompute each block's activations in backward: far 
 config = apply_overrides(globals())
 check_config(config)  # nonsense values (batch_size=0, ...) stop here, in one line
 # -----------------------------------------------------------------------------------------------------------
-
 t_start = time.time()
 rt = runtime.setup(device, dtype, seed, fsdp, threads)
 runtime.micro_batches(batch_size, gradient_accumulation_steps, rt.world_size)  # an uneven split stops here
@@ -113,7 +113,7 @@ if dataset:
     task = AnswerTask(rows, eval_rows, n_eval) if checkable else None
 else:
     task = AdditionTask(n_digits, n_eval, task_seed)
-    rows, n_wrong = task.sft_rows(slip_prob, seed)
+    rows, n_wrong = task.sft_rows(slip_prob, seed, slip)
     report = f"SFT data: {len(rows)} demonstrations ({n_wrong / len(rows):.1%} wrong), {n_eval} held-out problems"
 # ... as token ids; a dataset's are cached on disk (formats.cached_encode): a second run does not tokenise again
 train_data, skipped = cached_encode(encode_sft_rows, rows, tok, block_size, dataset or "embedded task", bool(dataset))

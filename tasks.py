@@ -22,9 +22,15 @@ class AdditionTask:
     The SFT demonstrations are imperfect in a systematic way, as human or model-written data often is: with
     probability `slip_prob` a demonstration gives the 'forgot every carry' answer (each digit is
     (x_i + y_i) mod 10, carries dropped). That answer is wrong whenever the problem has a carry, so the SFT model
-    learns the slip; DPO pairs then show the correct answer above a wrong one and teach it out again."""
+    learns the slip; DPO pairs then show the correct answer above a wrong one and teach it out again.
+    With slip='each' the demonstrations slip carry by carry instead: every carry is dropped on its own with
+    probability `slip_prob` (47+85 -> '132', '122', '32' or '22'), so a model's answers are wrong in several ways
+    at once and two of them are seldom one right and one wrong (the judged-pairs recipe, README)."""
 
-    def __init__(self, n_digits=2, n_eval=1000, seed=1234):
+    def __init__(self, n_digits=2, n_eval=1000, seed=1234, reward="log_error"):
+        if reward not in ("log_error", "digits"):
+            raise UserError(f"unknown judge reward '{reward}': expected 'log_error' or 'digits'")
+        self.reward_kind = reward  # what reward() grades by (the judged pairs' hidden judge, task_reward)
         lo, hi = 10 ** (n_digits - 1), 10 ** n_digits
         problems = [(a, b) for a in range(lo, hi) for b in range(lo, hi)]
         random.Random(seed).shuffle(problems)
@@ -53,6 +59,17 @@ class AdditionTask:
         return str(digits)
 
     @staticmethod
+    def each_carry_slip(a, b, slip_prob, rng):
+        """Add digit by digit, dropping each carry on its own with probability slip_prob (0: the sum)."""
+        digits, place, carry = 0, 1, 0
+        while a or b or carry:
+            s = a % 10 + b % 10 + carry
+            digits += (s % 10) * place
+            carry = int(s >= 10 and rng.random() >= slip_prob)
+            a, b, place = a // 10, b // 10, place * 10
+        return str(digits)
+
+    @staticmethod
     def parse(prompt):
         a, b = prompt.rstrip("=").split("+")
         return int(a), int(b)
@@ -61,21 +78,33 @@ class AdditionTask:
         return completion.strip() == self.answer(*self.parse(prompt))
 
     def reward(self, prompt, completion):
-        """The graded true reward of an answer: -log(1 + |answer - sum|). 0 for the exact sum, falling slowly
-        with the error (-0.69 one off, -2.4 ten off, -4.6 a hundred off). An answer that is no number (an empty
-        one included) gets the floor, -log(1 + 10**max_new_tokens), below every answer the model can write."""
-        try:
-            value = int(completion.strip())
-        except ValueError:
-            return -math.log1p(10 ** self.max_new_tokens)
-        return -math.log1p(abs(value - sum(self.parse(prompt))))
+        """The graded true reward of an answer, 0 for the exact sum. 'log_error': -log(1 + |answer - sum|),
+        falling slowly with the error (-0.69 one off, -2.4 ten off, -4.6 a hundred off). 'digits': minus the
+        number of places, from the units up, where the answer's digit is not the sum's (a missing or extra digit
+        counts), so each slipped carry costs about 1 wherever it is (1132 -> 1122: -1, 132: -1, 22: -3). An
+        answer that is no number (an empty one included) gets a floor below every answer the model can write:
+        -log(1 + 10**max_new_tokens), or -max_new_tokens places."""
+        text = completion.strip()
+        if not text.isdigit():
+            return -math.log1p(10 ** self.max_new_tokens) if self.reward_kind == "log_error" else -self.max_new_tokens
+        truth = self.answer(*self.parse(prompt))
+        if self.reward_kind == "log_error":
+            return -math.log1p(abs(int(text) - int(truth)))
+        a, b = text[::-1], truth[::-1]  # units first
+        return -sum(a[i:i + 1] != b[i:i + 1] for i in range(max(len(a), len(b))))
 
-    def sft_rows(self, slip_prob, seed):
-        """One demonstration per training problem; returns (rows, n_wrong) with rows [{'prompt', 'response'}]."""
+    def sft_rows(self, slip_prob, seed, slip="every"):
+        """One demonstration per training problem; returns (rows, n_wrong) with rows [{'prompt', 'response'}].
+        slip='every': a slipping demonstration forgets every carry; 'each': each carry slips on its own."""
+        if slip not in ("every", "each"):
+            raise UserError(f"unknown slip '{slip}': expected 'every' or 'each'")
         rng = random.Random(seed)
         rows, n_wrong = [], 0
         for a, b in self.train_problems:
-            response = self.no_carry_answer(a, b) if rng.random() < slip_prob else self.answer(a, b)
+            if slip == "each":
+                response = self.each_carry_slip(a, b, slip_prob, rng)
+            else:
+                response = self.no_carry_answer(a, b) if rng.random() < slip_prob else self.answer(a, b)
             n_wrong += response != self.answer(a, b)
             rows.append({"prompt": self.prompt(a, b), "response": response})
         return rows, n_wrong

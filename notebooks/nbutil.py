@@ -123,6 +123,27 @@ def sampled_kl(policy, reference, task, tok, n_prompts=500, max_new_tokens=8, se
             "sampled_accuracy": sum(correct) / len(correct), "sampled_reward": sum(rewards) / len(rewards)}
 
 
+@torch.no_grad()
+def best_of_n(model, task, tok, ns, n_prompts=500, max_new_tokens=8, seed=0):
+    """Best-of-N sampling, the inference-time baseline: for each held-out prompt draw max(ns) answers from
+    `model` at temperature 1, and for each N in ns keep the one of the first N with the highest true reward
+    (task.reward: a perfect judge). Returns {N: (mean reward, accuracy)} of the kept answers. Its KL to `model`
+    is at most log N - (N - 1) / N nats (Beirami et al., 2024), with no training at all, at N times the cost."""
+    model.eval()
+    problems = task.eval_problems[:n_prompts]
+    texts = [task.prompt(a, b) for a, b in problems]
+    prompts = [tok.encode(t) for t in texts]
+    g = torch.Generator().manual_seed(seed)
+    draws = [[tok.decode(o) for o in model.generate(prompts, max_new_tokens, tok.eos_id, tok.pad_id,
+                                                    temperature=1.0, generator=g)] for _ in range(max(ns))]
+    results = {}
+    for n in ns:
+        best = [max((d[i] for d in draws[:n]), key=lambda y: task.reward(t, y)) for i, t in enumerate(texts)]
+        results[n] = (sum(task.reward(t, y) for t, y in zip(texts, best)) / len(texts),
+                      sum(task.is_correct(t, y) for t, y in zip(texts, best)) / len(texts))
+    return results
+
+
 
 def load_model(path):
     """A GPT from a checkpoint (dropout off), its tokenizer and the task it was trained on."""

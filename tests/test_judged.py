@@ -46,6 +46,34 @@ def test_judge_prefers_by_bradley_terry(tau):
     assert bradley_terry(-1.0, -1.0, tau) == 0.5 and bradley_terry(0.0, -1e9, tau) == 1.0  # finite at any gap
 
 
+def test_each_carry_slips_on_its_own():
+    import random
+    rng = random.Random(0)
+    # 47 + 85: the units carry (7 + 5 = 12) and the tens carry (4 + 8 + 1 = 13) slip independently, by hand
+    assert AdditionTask.each_carry_slip(47, 85, 0.0, rng) == "132"
+    assert AdditionTask.each_carry_slip(47, 85, 1.0, rng) == AdditionTask.no_carry_answer(47, 85) == "22"
+    assert AdditionTask.each_carry_slip(99, 1, 1.0, rng) == "90"
+    assert AdditionTask.each_carry_slip(99, 1, 0.0, rng) == "100"
+    draws = [AdditionTask.each_carry_slip(47, 85, 0.3, rng) for _ in range(4000)]
+    for answer, p in {"132": 0.7 * 0.7, "122": 0.3 * 0.7, "32": 0.7 * 0.3, "22": 0.3 * 0.3}.items():
+        assert binomial_ok(draws.count(answer), len(draws), p), (answer, draws.count(answer) / len(draws), p)
+    rows, n_wrong = AdditionTask(n_digits=2, n_eval=100).sft_rows(0.0, seed=1, slip="each")
+    assert n_wrong == 0 and all(r["response"] == str(sum(AdditionTask.parse(r["prompt"]))) for r in rows)
+    with pytest.raises(Exception, match="unknown slip 'some'"):
+        TASK.sft_rows(0.5, seed=1, slip="some")
+
+
+def test_digits_reward_counts_wrong_places_by_hand():
+    task = AdditionTask(n_digits=3, n_eval=10, reward="digits")
+    prompt = "567+565="  # 1132
+    for answer, reward in [("1132", 0), ("1122", -1), ("132", -1), ("22", -3), ("11320", -4), ("2132", -1),
+                           ("", -task.max_new_tokens), ("12a", -task.max_new_tokens)]:
+        assert task.reward(prompt, answer) == reward, answer
+    assert TASK.reward("47+85=", "122") == -math.log(11) and TASK.reward("47+85=", "x") < TASK.reward("47+85=", "9999")
+    with pytest.raises(Exception, match="unknown judge reward"):
+        AdditionTask(reward="vibes")
+
+
 def test_ties_are_coin_flips_and_counted():
     rows, counts = judged_pairs(TASK, fake_generate([1, -1]), 2000, 2, 1.0, 0.1, seed=1)
     assert counts["ties"] == 2000  # 1 above and 1 below the sum: the same reward

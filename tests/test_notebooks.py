@@ -2,6 +2,7 @@
 exactly and writes the PNGs it promises."""
 
 import copy
+import math
 import glob
 import json
 import os
@@ -162,3 +163,29 @@ def test_plot_rejects_a_missing_run_dir_with_one_line(tmp_path):
     result = run_plot(str(empty))
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [f"error: run folder {empty} has no metrics.jsonl"]
+
+
+def test_best_of_n_keeps_the_best_of_the_first_n_by_hand():
+    sys.path.insert(0, os.path.join(REPO, "notebooks"))
+    import nbutil
+    from data import Tokenizer
+    from tasks import AdditionTask
+
+    task, tok = AdditionTask(n_digits=2, n_eval=50), Tokenizer("byte")
+    offsets = [3, 1, 0, 5]  # draw k answers sum + offsets[k] for every prompt
+
+    class Stub:
+        draws = 0
+
+        def eval(self):
+            return self
+
+        def generate(self, prompts, max_new_tokens, eos_id, pad_id, temperature, generator):
+            k, Stub.draws = Stub.draws, Stub.draws + 1
+            return [tok.encode(str(sum(task.parse(tok.decode(p))) + offsets[k])) for p in prompts]
+
+    results = nbutil.best_of_n(Stub(), task, tok, [1, 2, 4], n_prompts=20)
+    assert Stub.draws == 4
+    assert results[1] == (-math.log(4), 0.0)  # the first draw: 3 off
+    assert results[2] == (-math.log(2), 0.0)  # the better of 3 off and 1 off
+    assert results[4] == (0.0, 1.0)           # the exact sum is among the first four
