@@ -85,7 +85,7 @@ class AdditionTask:
         answer that is no number (an empty one included) gets a floor below every answer the model can write:
         -log(1 + 10**max_new_tokens), or -max_new_tokens places."""
         text = completion.strip()
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):  # ('²'.isdigit() is True, but int('²') fails)
             return -math.log1p(10 ** self.max_new_tokens) if self.reward_kind == "log_error" else -self.max_new_tokens
         truth = self.answer(*self.parse(prompt))
         if self.reward_kind == "log_error":

@@ -67,7 +67,7 @@ def test_digits_reward_counts_wrong_places_by_hand():
     task = AdditionTask(n_digits=3, n_eval=10, reward="digits")
     prompt = "567+565="  # 1132
     for answer, reward in [("1132", 0), ("1122", -1), ("132", -1), ("22", -3), ("11320", -4), ("2132", -1),
-                           ("", -task.max_new_tokens), ("12a", -task.max_new_tokens)]:
+                           ("", -task.max_new_tokens), ("12a", -task.max_new_tokens), ("1²", -task.max_new_tokens)]:
         assert task.reward(prompt, answer) == reward, answer
     assert TASK.reward("47+85=", "122") == -math.log(11) and TASK.reward("47+85=", "x") < TASK.reward("47+85=", "9999")
     with pytest.raises(Exception, match="unknown judge reward"):
