@@ -2,12 +2,15 @@
 Held-out evaluation, shared by sft.py and dpo.py: exact-match accuracy of greedy answers on a task with a
 verifier, and the training loss (with its metrics) over held-out rows. Both run the plain model, in eval mode,
 without gradients, and put it back in training mode after. Also the completions dpo.py builds its on-policy
-pairs from (complete), generated the same way.
+pairs from (complete), generated the same way, and a point of the reward-KL frontier (sampled_kl): what the
+policy's samples earn and how far they are from a reference's, for online_dpo.py and the notebooks.
 """
 
 import torch
 
+from data import collate
 from logger import Progress
+from logprobs import summed_logps, token_logps
 from runtime import all_reduce_sum, unwrap
 
 
@@ -73,3 +76,34 @@ def evaluate_loss(model, loss_of_rows, n_rows, batch_size, rt, row_weights=None)
     raw.train(was_training)
     total_weight = weight(list(range(n_rows)))
     return {f"eval_{k}": v / total_weight for k, v in zip(names, totals.tolist())}
+
+
+@torch.no_grad()
+def sampled_kl(policy, reference, task, tok, n_prompts=500, max_new_tokens=8, seed=0, draws=1):
+    """Monte-Carlo estimate of KL(policy || reference) on held-out prompts, in nats per completion:
+    sample y ~ policy(.|x) at temperature 1, then average log policy(y|x) - log reference(y|x) over the
+    samples (the log-probs are summed over the sampled tokens, EOS included when it was sampled).
+    Also the samples' exact-match accuracy, and their mean graded reward when the task has one (what a judge
+    ranks by): the reward the KL is paid for, the two axes of the DPO paper's reward-KL frontier. Plain
+    (unwrapped) models on the CPU, the first n_prompts held-out problems, `draws` samples each (more draws, smaller
+    standard errors). Returns a dict with kl, kl_stderr, sampled_accuracy, sampled_reward and
+    sampled_reward_stderr (standard errors over the samples)."""
+    policy.eval()
+    reference.eval()
+    problems = task.eval_problems[:n_prompts] * draws
+    texts = [task.prompt(a, b) for a, b in problems]
+    prompts = [tok.encode(t) for t in texts]
+    g = torch.Generator().manual_seed(seed)
+    outs = policy.generate(prompts, max_new_tokens, tok.eos_id, tok.pad_id, temperature=1.0, generator=g)
+    # generate drops the EOS; a completion shorter than max_new_tokens stopped because EOS was sampled
+    seqs = [(p, o + [tok.eos_id] if len(o) < max_new_tokens else o) for p, o in zip(prompts, outs)]
+    idx, targets, mask = collate(seqs, tok.pad_id)
+    log_ratio = (summed_logps(token_logps(policy(idx)[0], targets), mask)[0]
+                 - summed_logps(token_logps(reference(idx)[0], targets), mask)[0])  # (n,)
+    answers = [tok.decode(o) for o in outs]
+    correct = [task.is_correct(t, y) for t, y in zip(texts, answers)]
+    rewards = torch.tensor([task.reward(t, y) for t, y in zip(texts, answers)], dtype=torch.float64)
+    n = len(seqs)
+    return {"kl": log_ratio.mean().item(), "kl_stderr": (log_ratio.std() / n ** 0.5).item(),
+            "sampled_accuracy": sum(correct) / n, "sampled_reward": rewards.mean().item(),
+            "sampled_reward_stderr": (rewards.std() / n ** 0.5).item()}

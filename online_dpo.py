@@ -5,6 +5,10 @@ Each round is one dpo.py run (--pairs=judged by default): its policy starts from
 reference either stays the SFT model in every round (--reference=sft, as RLHFlow's iterative recipe does) or is
 the round's starting policy, the previous round's result (--reference=previous, as Iterative RPO does).
 
+At the end it prints the final policy's point of the reward-KL frontier: the mean true reward (and accuracy) of
+its samples at temperature 1 on held-out prompts, and KL(policy || SFT model) estimated from the same samples.
+Greedy accuracy alone hides what rounds do to the policy's distribution (README "Judged pairs and online rounds").
+
 The budget is the offline run's: n_pairs judged pairs and max_iters optimizer steps in all, split evenly over
 the rounds, so `--rounds=1` is the offline baseline at the same cost.
 
@@ -23,8 +27,12 @@ import sys
 
 import torch
 
+from checkpoint import load_checkpoint, model_from_checkpoint, task_settings
 from configurator import apply_overrides
+from data import Tokenizer
 from errors import UserError, install_error_handler
+from evaluation import sampled_kl
+from tasks import AdditionTask
 
 install_error_handler()
 # -----------------------------------------------------------------------------------------------------------
@@ -38,6 +46,8 @@ max_iters = 100           # optimizer steps in all, max_iters / rounds per round
 seed = 1                  # round k uses seed + k - 1: other prompts, other samples
 nproc = 1                 # > 1: run each round with torchrun --standalone --nproc_per_node=nproc
 dpo_args = ""             # more dpo.py settings for every round, e.g. "config/judged_dpo.py --beta=0.5"
+frontier_prompts = 1000   # held-out prompts for the final policy's sampled reward and KL to the SFT model; 0: skip
+frontier_draws = 4        # samples per prompt for them
 # -----------------------------------------------------------------------------------------------------------
 config = apply_overrides(globals())
 if reference not in ("sft", "previous"):
@@ -74,4 +84,14 @@ for k in range(1, rounds + 1):
 final = torch.load(start, map_location="cpu", weights_only=True)
 shown = ", ".join(f"{key} {final[key]:.1%}" if key == "task_accuracy" else f"{key} {final[key]:.4f}"
                   for key in ("task_accuracy", "task_reward") if key in final)
+sft = load_checkpoint(sft_ckpt)
+if frontier_prompts > 0 and "n_digits" in sft["config"]:
+    # the embedded task the rounds were judged on, and the two models on the CPU in fp32, dropout off
+    task = AdditionTask(**task_settings(sft["config"]), reward=final["config"].get("judge_reward", "log_error"))
+    policy, sft_model = (model_from_checkpoint(c, p, dropout=0.0) for c, p in ((final, start), (sft, sft_ckpt)))
+    point = sampled_kl(policy, sft_model, task, Tokenizer(sft["tokenizer"]), frontier_prompts, task.max_new_tokens,
+                       draws=frontier_draws)
+    shown += (f"; sampled (T 1, {frontier_draws} x {min(frontier_prompts, len(task.eval_problems))} prompts): reward "
+              f"{point['sampled_reward']:.3f} ± {point['sampled_reward_stderr']:.3f}, accuracy "
+              f"{point['sampled_accuracy']:.1%}, KL to SFT {point['kl']:.3f} ± {point['kl_stderr']:.3f}")
 print(f"ONLINE done: {rounds} round(s), reference {reference}: held-out {shown} -> {start}")

@@ -1,7 +1,7 @@
 """
 What the notebooks share (they run from the repo root, with it and notebooks/ on sys.path): the short SFT
 checkpoint they all start from, running sft.py / dpo.py as real subprocesses (a few at a time), loading a
-checkpoint, and a Monte-Carlo estimate of KL(policy || reference). The notebooks print every command they run,
+checkpoint, best-of-N sampling, and (from evaluation.py) the Monte-Carlo estimate of KL(policy || reference). The notebooks print every command they run,
 so each run can be repeated from a shell.
 """
 
@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from evaluation import sampled_kl  # noqa: F401  (the notebooks call nbutil.sampled_kl)
 
 # where the notebooks' runs go; the tests point it at a temporary folder
 OUT = os.environ.get("NANOPO_NOTEBOOK_OUT", "out/notebooks")
@@ -94,33 +96,6 @@ def run_all(jobs, lanes=None):
             print(f"  [{name}] {lines[-1] if lines else ''}", flush=True)
         time.sleep(0.2)
     print(f"{len(jobs)} run(s) in {time.time() - t0:.0f} s")
-
-
-@torch.no_grad()
-def sampled_kl(policy, reference, task, tok, n_prompts=500, max_new_tokens=8, seed=0):
-    """Monte-Carlo estimate of KL(policy || reference) on held-out prompts, in nats per completion:
-    sample y ~ policy(.|x) at temperature 1, then average log policy(y|x) - log reference(y|x) over the
-    samples (the log-probs are summed over the sampled tokens, EOS included when it was sampled).
-    Also returns the samples' exact-match accuracy, and their mean graded reward when the task has one (what a
-    judge ranks by): the reward the KL is paid for. Returns a dict with kl, kl_stderr, sampled_accuracy and
-    sampled_reward (or None)."""
-    from data import collate
-    from logprobs import summed_logps, token_logps
-    policy.eval()
-    reference.eval()
-    problems = task.eval_problems[:n_prompts]
-    prompts = [tok.encode(task.prompt(a, b)) for a, b in problems]
-    g = torch.Generator().manual_seed(seed)
-    outs = policy.generate(prompts, max_new_tokens, tok.eos_id, tok.pad_id, temperature=1.0, generator=g)
-    # generate drops the EOS; a completion shorter than max_new_tokens stopped because EOS was sampled
-    seqs = [(p, o + [tok.eos_id] if len(o) < max_new_tokens else o) for p, o in zip(prompts, outs)]
-    idx, targets, mask = collate(seqs, tok.pad_id)
-    log_ratio = (summed_logps(token_logps(policy(idx)[0], targets), mask)[0]
-                 - summed_logps(token_logps(reference(idx)[0], targets), mask)[0])  # (n,)
-    correct = [task.is_correct(task.prompt(a, b), tok.decode(o)) for (a, b), o in zip(problems, outs)]
-    rewards = [task.reward(task.prompt(a, b), tok.decode(o)) for (a, b), o in zip(problems, outs)]
-    return {"kl": log_ratio.mean().item(), "kl_stderr": (log_ratio.std() / len(seqs) ** 0.5).item(),
-            "sampled_accuracy": sum(correct) / len(correct), "sampled_reward": sum(rewards) / len(rewards)}
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Judged pairs (dpo.py --pairs=judged) and online rounds (online_dpo.py): the hidden judge's verdicts follow
 Bradley-Terry, ties and empty answers are handled and counted, the trainer's rows hold no reference answer,
-KTO gets thumbs up/down, ranks build the same pairs under torchrun, and rounds resume between and within."""
+KTO gets thumbs up/down, ranks build the same pairs under torchrun, rounds resume between and within, and the
+frontier point online_dpo.py ends on (sampled reward, KL to the SFT model) matches exact sums."""
 
 import json
 import math
@@ -177,7 +178,8 @@ def first_loss(round_dir):
 
 def test_online_rounds_their_reference_and_resume(sft_ckpt, repo_root, script_env, tmp_path):
     out = online(repo_root, script_env, tmp_path / "sft_ref", sft_ckpt)
-    assert "ONLINE done: 2 round(s)" in out.strip().splitlines()[-1]
+    last = out.strip().splitlines()[-1]
+    assert "ONLINE done: 2 round(s)" in last and "sampled (T 1, 4 x 100 prompts)" in last and "KL to SFT" in last
     r1, r2 = tmp_path / "sft_ref" / "round1", tmp_path / "sft_ref" / "round2"
     # round 2 starts from round 1's policy; its reference stays the SFT model, so its first loss is not ln 2
     assert torch.load(r2 / "ckpt.pt", weights_only=True)["config"]["sft_ckpt"] == str(r1 / "ckpt.pt")
@@ -201,3 +203,32 @@ def test_online_rounds_their_reference_and_resume(sft_ckpt, repo_root, script_en
     assert "round 1/2: finished earlier" in out and "--init_from=resume" in out
     again = torch.load(resumed / "round2" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(full[k], again[k]) for k in full)
+
+
+def test_sampled_kl_and_reward_match_exact_sums(tiny_config):
+    """evaluation.sampled_kl (online_dpo.py's and the notebooks' frontier point) against enumeration: with
+    max_new_tokens=1 every sample is one token (EOS: the empty answer), so the expected log-ratio is the exact
+    KL(p || q) = sum_v p(v) log(p(v) / q(v)) and the expected reward sum_v p(v) r(v), both summed in float64 over
+    the two models' next-token distributions. 4,000 samples of one prompt must land within 4 standard errors."""
+    from evaluation import sampled_kl
+    from model import GPT
+    torch.manual_seed(0)
+    policy, reference = GPT(tiny_config).double().eval(), GPT(tiny_config).double().eval()
+    with torch.no_grad():  # make the policy favour digit tokens, so rewards and accuracy are not all floor
+        policy.lm_head.weight[ord("0"):ord("9") + 1] *= 40
+    tok, task = Tokenizer("byte"), AdditionTask(n_digits=1, n_eval=10, seed=0)
+    task.eval_problems = [(3, 4)] * 4000
+    with torch.no_grad():
+        x = torch.tensor([tok.encode("3+4=")])
+        logp, logq = (m(x)[0][0, -1].log_softmax(-1) for m in (policy, reference))  # (V,) each
+    p = logp.exp()
+    answers = ["" if v == tok.eos_id else tok.decode([v]) for v in range(tiny_config.vocab_size)]
+    rewards = torch.tensor([task.reward("3+4=", y) for y in answers], dtype=torch.float64)
+    exact_kl, exact_reward, p_right = (p * (logp - logq)).sum().item(), (p * rewards).sum().item(), p[ord("7")].item()
+    assert 0.05 < p[ord("0"):ord("9") + 1].sum() < 0.95 and exact_kl > 0.1  # a test that can tell them apart
+    got = sampled_kl(policy, reference, task, tok, n_prompts=4000, max_new_tokens=1, seed=3)
+    assert abs(got["kl"] - exact_kl) < 4 * got["kl_stderr"]
+    assert abs(got["sampled_reward"] - exact_reward) < 4 * got["sampled_reward_stderr"]
+    assert binomial_ok(round(got["sampled_accuracy"] * 4000), 4000, p_right)
+    same = sampled_kl(reference, reference, task, tok, n_prompts=50, max_new_tokens=1)
+    assert same["kl"] == 0 and same["kl_stderr"] == 0
