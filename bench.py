@@ -89,7 +89,7 @@ dtype = "auto"            # 'auto' = bfloat16 on CUDA when supported, else float
 compile = False
 beta = 0.1
 generation = True         # also time model.generate with and without its KV cache
-logprob_chunk = 1024      # the *_chunked kinds: rows of logits made at a time
+logprob_chunk = 1024      # the *_chunked kinds: rows of logits made at a time; 0: all, kept for backward
 kinds = ""                # comma-separated step kinds to run ('' = all of KINDS; timing needs sft and dpo_live)
 timing = True             # False: only the peak memory per kind (no timing, generation or targets)
 peak_memory = True        # the peak memory of a step of each kind (CUDA: in this run; CPU: a fresh process per kind)
@@ -344,7 +344,7 @@ for kind in KINDS:
     chunked = kind.endswith("_chunked")
     if chunked:  # the LM head (2VC FLOPs a token forward, 6VC trained) runs at the scored tokens only
         flops -= HEAD_FLOPS * (3 * (train_tokens - SCORED[kind][0]) + ref_tokens - SCORED[kind][1])
-    executed = flops + chunked * HEAD_FLOPS * SCORED[kind][0]  # + the logits backward makes again
+    executed = flops + chunked * (logprob_chunk > 0) * HEAD_FLOPS * SCORED[kind][0]  # + logits made again
     results[kind] = {
         "example": "sequence" if kind.startswith("sft") else "pair", "rows": rows, "row_len": T,
         "examples": examples, "executed_flops_per_example": executed / examples,

@@ -153,7 +153,7 @@ RULES = {  # key: (holds for a sensible value, what the line says is expected)
     "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "'auto', 'float32', 'bfloat16' or 'float16'"),
     "compile": (lambda v: v in (True, False), "True, False or None (on with CUDA)"),
     "logprobs": (lambda v: v in ("auto", "chunked", "plain"), "'auto', 'chunked' or 'plain'"),
-    "logprob_chunk": (lambda v: v >= 1, ">= 1"),
+    "logprob_chunk": (lambda v: v >= 0, ">= 0 (0: no chunks)"),
     "lora_rank": (lambda v: v >= 0, ">= 0 (0 = no LoRA: every weight trains)"),
     "lora_alpha": (lambda v: v > 0, "> 0"),
     "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),

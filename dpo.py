@@ -84,7 +84,7 @@ precompute_ref = False    # one no-grad pass computes the reference log-probs, t
 prefix_sharing = False    # one row [prompt | chosen | rejected] per pair: the shared prompt is computed once
 attention = "auto"        # prefix-shared rows: 'flex' (FlexAttention), 'sdpa' (boolean mask), 'auto' = flex on CUDA
 logprobs = "auto"         # 'chunked': the LM head at response positions only; 'plain'; 'auto': chunked if vocab >= 4096
-logprob_chunk = 1024      # chunked: rows of logits made at a time (extra memory ~ chunk x vocab x 4 bytes)
+logprob_chunk = 1024      # chunked: logit rows at a time (memory ~ chunk x V x 4 B); 0: all, kept (faster)
 # data: the embedded task (default), or a dataset (README: "Your own data")
 dataset = ""              # '' = the embedded task; else a hub name or a .jsonl/.json/.parquet (pairs, kto rows, gsm8k)
 dataset_format = ""       # '' = detect from the columns

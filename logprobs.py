@@ -19,7 +19,9 @@ Two paths give the same numbers (--logprobs in sft.py and dpo.py):
     chunked  scored_columns picks, per row, the K columns whose target a mask counts (response tokens and EOS);
              the model's forward (score=...) gathers their hidden states and model.target_logps turns them into
              log p(target) a chunk of rows at a time, recomputing a chunk's logits in backward instead of keeping
-             them. The LM head runs at K of T positions, and the extra memory is O(chunk x V). WPO needs the
+             them. The LM head runs at K of T positions, and the extra memory is O(chunk x V). With chunk=0 the
+             K columns' logits are made at once and plain autograd keeps them for backward: no logits made twice
+             (faster), for memory O(K x V): the speed of the idea, without its memory saving. WPO needs the
              whole distribution at every scored token, so --use_weighting runs the plain path.
 
 Naming, as everywhere in this repo: *_logps are summed over a response's tokens + EOS, (B,); *_avg_logps are
@@ -58,7 +60,8 @@ def concatenated_logps(model, pairs, pad_id, block_size, device, multiple=1, log
     """Pairs [(prompt_ids, chosen_ids, rejected_ids)] -> (chosen_logps, rejected_logps, chosen_n, rejected_n),
     (B,) each, from ONE forward of `model` over 2B right-padded rows, chosen first then rejected (the
     'concatenated forward'). multiple: pad the length up to a multiple of it (for torch.compile's shapes).
-    logprobs: 'plain' or 'chunked' (the module docstring); chunk: rows of logits at a time, chunked only.
+    logprobs: 'plain' or 'chunked' (the module docstring); chunk: rows of logits at a time (0: all, kept for
+    backward), chunked only.
     ld_alpha < 1: the summed log-probs are LD-DPO's (length_desensitized). wpo: a fifth tensor, each pair's WPO
     weight (wpo_weights), detached."""
     T = max(len(p) + max(len(c), len(r)) for p, c, r in pairs) - 1

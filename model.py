@@ -286,8 +286,9 @@ class GPT(nn.Module):
         cross-entropy over targets != -1 when targets are given, else None.
         score: (cols, score_targets), both (B, K) long, for log-probs without logits: returns (logps, None),
         logps[b, k] = log p(score_targets[b, k]) as predicted at column cols[b, k] of row b, float32 (B, K). Only
-        those B*K positions go through ln_f and the LM head, `chunk` rows of logits at a time (target_logps);
-        inside forward, so that DDP, FSDP2 (which gathers lm_head.weight for it) and compile see it."""
+        those B*K positions go through ln_f and the LM head, `chunk` rows of logits at a time (target_logps), or
+        with chunk=0 all at once, as plain autograd keeps them for backward (faster: no logits made twice); inside
+        forward, so that DDP, FSDP2 (which gathers lm_head.weight for it) and compile see it."""
         B, T = idx.size()
         start = 0 if cache is None else cache.filled
         assert start == 0 or T == 1, "after the first call, a KV cache takes one new token at a time"
@@ -303,6 +304,9 @@ class GPT(nn.Module):
             cols, score_targets = score  # (B, K) each
             rows = torch.arange(B, device=idx.device)[:, None]  # (B, 1)
             h = self.transformer.ln_f(x[rows, cols])  # (B, K, C): row b's hidden states at its columns cols[b]
+            if chunk == 0:  # all K columns' logits at once, kept for backward: no recompute, O(B*K*V) memory
+                logits = self.lm_head(h).float()  # (B, K, V)
+                return torch.gather(logits.log_softmax(-1), 2, score_targets[..., None])[..., 0], None
             logps = target_logps(h.flatten(0, 1), self.lm_head.weight, score_targets.flatten(), chunk)  # (B*K,)
             return logps.view(score_targets.shape), None
         x = self.transformer.ln_f(x)

@@ -42,7 +42,7 @@ device = "auto"           # 'auto' = cuda if available, else cpu; or 'cpu', 'cud
 dtype = "auto"            # 'auto' = bfloat16 on CUDA when supported, else float32; or 'float32', 'bfloat16'
 compile = None            # torch.compile: None = on with CUDA, off on a CPU (~30 s up front for little); or True/False
 logprobs = "auto"         # 'chunked': the LM head at response positions only; 'plain'; 'auto': chunked if vocab >= 4096
-logprob_chunk = 1024      # chunked: rows of logits made at a time (extra memory ~ chunk x vocab x 4 bytes)
+logprob_chunk = 1024      # chunked: logit rows at a time (memory ~ chunk x V x 4 B); 0: all, kept (faster)
 fsdp = False              # torchrun only: shard parameters, gradients and optimizer state with FSDP2
 threads = 0               # CPU threads (torch.set_num_threads); 0 = torch's default, one per core
 eval_interval = 200

@@ -130,7 +130,7 @@ def test_scored_columns_by_hand():
 
 # ---------------------------------------------------------------- the chunked path equals the plain path
 
-@pytest.mark.parametrize("chunk", [1, 5, 1024])
+@pytest.mark.parametrize("chunk", [0, 1, 5, 1024])  # 0: every scored row's logits at once, kept for backward
 def test_concatenated_chunked_equals_plain(model, chunk):
     plain, plain_grads = logps_and_grads(model, concatenated_logps)
     got, grads = logps_and_grads(model, concatenated_logps, logprobs="chunked", chunk=chunk)
@@ -142,10 +142,11 @@ def test_concatenated_chunked_equals_plain(model, chunk):
 
 def test_prefix_shared_chunked_equals_the_plain_concatenated_forward(model):
     plain, plain_grads = logps_and_grads(model, concatenated_logps)
-    got, grads = logps_and_grads(model, prefix_shared_logps, logprobs="chunked", chunk=3)
-    for a, b in zip(got, plain):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    assert_grads_close(grads, plain_grads)
+    for chunk in (3, 0):
+        got, grads = logps_and_grads(model, prefix_shared_logps, logprobs="chunked", chunk=chunk)
+        for a, b in zip(got, plain):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        assert_grads_close(grads, plain_grads)
 
 
 def test_padding_to_a_multiple_changes_nothing(model):
@@ -159,18 +160,18 @@ def test_padding_to_a_multiple_changes_nothing(model):
 
 def test_prompt_only_rows_and_empty_responses(model):
     rows = [([1, 2, 3], [4, 5, E]), ([6, 7], []), ([8], [E])]
-    for logprobs in ("plain", "chunked"):
-        logps, n = completion_logps(model, rows, PAD, 32, "cpu", logprobs=logprobs)
+    plain, n = completion_logps(model, rows, PAD, 32, "cpu")
+    assert plain[1].item() == 0.0 and n.tolist() == [3, 0, 1]
+    for chunk in (1024, 0):
+        logps, n = completion_logps(model, rows, PAD, 32, "cpu", logprobs="chunked", chunk=chunk)
         assert logps[1].item() == 0.0 and n.tolist() == [3, 0, 1]
-        if logprobs == "plain":
-            plain = logps
-    torch.testing.assert_close(logps, plain, rtol=0, atol=1e-5)
-    # a batch where nothing is scored at all: K = 0 columns, zero log-probs, and a backward that runs
-    model.zero_grad(set_to_none=True)
-    logps, n = completion_logps(model, [([1, 2], []), ([3], [])], PAD, 32, "cpu", logprobs="chunked")
-    assert logps.tolist() == [0.0, 0.0] and n.tolist() == [0, 0]
-    logps.sum().backward()
-    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+        torch.testing.assert_close(logps, plain, rtol=0, atol=1e-5)
+        # a batch where nothing is scored at all: K = 0 columns, zero log-probs, and a backward that runs
+        model.zero_grad(set_to_none=True)
+        logps, n = completion_logps(model, [([1, 2], []), ([3], [])], PAD, 32, "cpu", logprobs="chunked", chunk=chunk)
+        assert logps.tolist() == [0.0, 0.0] and n.tolist() == [0, 0]
+        logps.sum().backward()
+        assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
 # ---------------------------------------------------------------- tied weights, autocast, compile
@@ -190,13 +191,14 @@ def test_tied_weights_get_both_gradients_once(model):
     torch.testing.assert_close(tied_grad, head + embedding, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [4, 0])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_gives_float32_logprobs(model, dtype):
+def test_autocast_gives_float32_logprobs(model, dtype, chunk):
     """Under autocast the LM head's matmul runs in the low-precision dtype, as nn.Linear's does on the plain path;
     the log-probs come out float32, and both paths agree to the rounding of that dtype."""
     with torch.autocast("cpu", dtype=dtype):
         plain = concatenated_logps(model, pairs(), PAD, 32, "cpu")
-        got = concatenated_logps(model, pairs(), PAD, 32, "cpu", logprobs="chunked", chunk=4)
+        got = concatenated_logps(model, pairs(), PAD, 32, "cpu", logprobs="chunked", chunk=chunk)
         assert model(torch.tensor([[1, 2, 3]]))[0].dtype == dtype  # autocast really was on
     assert got[0].dtype == got[1].dtype == torch.float32
     for a, b in zip(got[:2], plain[:2]):
@@ -220,6 +222,12 @@ def test_compiled_model_gives_the_same_logprobs_and_gradients(model):
     # traced into the graph, the backward's logits matmul would be merged with the forward's, whose (N, V)
     # output would then be kept for backward: the graph break keeps the Function eager
     assert not [s for s in saved_for_backward(compiled, "chunked") if model.config.vocab_size in s]
+    # chunk=0 is plain autograd on the scored rows: traced into the graph, with the same numbers
+    got, _ = logps_and_grads(compiled, concatenated_logps, logprobs="chunked", chunk=0)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for a, b in zip(got, plain):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert_grads_close(grads, plain_grads)
     torch._dynamo.reset()
 
 
@@ -229,10 +237,10 @@ def test_dpo_loss_at_step_zero_is_ln2(model):
     """Policy = a frozen copy: the same chunked computation with and without gradients gives bit-equal log-probs,
     so every reward is 0 and the loss is ln 2."""
     reference = copy.deepcopy(model).eval().requires_grad_(False)
-    for fn in (concatenated_logps, prefix_shared_logps):
-        pc, pr, _, _ = fn(model, pairs(), PAD, 32, "cpu", logprobs="chunked", chunk=4)
+    for fn, chunk in ((concatenated_logps, 4), (prefix_shared_logps, 4), (concatenated_logps, 0)):
+        pc, pr, _, _ = fn(model, pairs(), PAD, 32, "cpu", logprobs="chunked", chunk=chunk)
         with torch.no_grad():
-            rc, rr, _, _ = fn(reference, pairs(), PAD, 32, "cpu", logprobs="chunked", chunk=4)
+            rc, rr, _, _ = fn(reference, pairs(), PAD, 32, "cpu", logprobs="chunked", chunk=chunk)
         assert torch.equal(pc.detach(), rc) and torch.equal(pr.detach(), rr)
         loss, chosen_rewards, rejected_rewards = dpo_loss(pc, pr, rc, rr, beta=0.5)
         assert loss.item() == pytest.approx(math.log(2), abs=1e-7)
@@ -281,7 +289,9 @@ def test_sft_and_dpo_runs_log_the_same_losses_either_way(repo_root, tmp_path):
     assert_same_records(sft_plain, sft_chunked, ["loss", "grad_norm"])
     assert logged(tmp_path / "sft_plain", "task_accuracy") == logged(tmp_path / "sft_chunked", "task_accuracy")
     ckpt = str(tmp_path / "sft_plain" / "ckpt.pt")
-    for name, extra in {"dpo": [], "prefix": ["--prefix_sharing=True"], "kto": ["--loss_type=kto"]}.items():
+    runs = {"dpo": [], "prefix": ["--prefix_sharing=True"], "kto": ["--loss_type=kto"],
+            "kept": ["--logprob_chunk=0"]}  # kept: no chunks, the scored rows' logits kept for backward
+    for name, extra in runs.items():
         for logprobs in ("plain", "chunked"):
             run_script(repo_root, "dpo.py", DPO + [f"--sft_ckpt={ckpt}", f"--out_dir={tmp_path / (name + logprobs)}",
                                                    f"--logprobs={logprobs}", "--logprob_chunk=50", *extra])
