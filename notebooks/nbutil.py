@@ -1,8 +1,8 @@
 """
 What the notebooks share (they run from the repo root, with it and notebooks/ on sys.path): the short SFT
 checkpoint they all start from, running sft.py / dpo.py as real subprocesses (a few at a time), loading a
-checkpoint, best-of-N sampling, and (from evaluation.py) the Monte-Carlo estimate of KL(policy || reference). The notebooks print every command they run,
-so each run can be repeated from a shell.
+checkpoint, best-of-N sampling, and (from evaluation.py) the Monte-Carlo estimate of KL(policy || reference).
+The notebooks print every command they run, so each run can be repeated from a shell.
 """
 
 import os
