@@ -11,7 +11,7 @@ of one live DPO step, for four kinds of run on the same model and batch (and a f
 
 Each kind runs in a fresh process (bench.py starts one per kind), so one kind's freed memory cannot hide
 another's peak. A step is what dpo.py runs: the policy's concatenated forward (logprobs.concatenated_logps), the
-reference's under no_grad, losses.dpo_loss, backward, clipping, AdamW. Measured, per kind:
+reference's under no_grad (run first), losses.dpo_loss, backward, clipping, AdamW. Measured, per kind:
 
   peak        the process's peak memory: on a CPU its peak RSS (ru_maxrss), on CUDA max_memory_allocated
   above start the peak minus the memory at start (CPU: the RSS of Python + torch after a toy model's step, before
@@ -132,9 +132,9 @@ def child(kind, settings):
 
     def forward_backward(batch=pairs):
         with rt.autocast():
-            pc, pr, _, _ = concatenated_logps(policy, batch, **layout)
-            with torch.no_grad():
+            with torch.no_grad():  # the reference first, as dpo.py runs it
                 rc, rr, _, _ = concatenated_logps(reference, batch, **layout)
+            pc, pr, _, _ = concatenated_logps(policy, batch, **layout)
             loss = dpo_loss(pc, pr, rc, rr, settings["beta"])[0]
         loss.backward()
 

@@ -6,7 +6,8 @@ nanoGPT-style configuration. A script defines its settings as plain module globa
 which reads sys.argv: a bare argument is a Python config file (e.g. config/dpo_tiny.py) whose assignments
 override the defaults; `--key=value` overrides one setting, the value parsed as a Python literal with a plain
 string as fallback (--out_dir=out/x, --beta=0.5, --compile=True). Every key must already exist and keep its
-type (an int may stand for a float; a setting whose default is None takes any value). Mistakes end the run
+type (an int may stand for a float; a setting whose default is None takes any value; one in BOOL_OR_WORD also
+a word). Mistakes end the run
 with one line that names the problem and, for a misspelt key, the closest known key.
 """
 
@@ -17,6 +18,7 @@ import sys
 from errors import UserError
 
 SIMPLE_TYPES = (int, float, bool, str, type(None))
+BOOL_OR_WORD = {"grad_checkpoint"}  # True / False settings that also take a word (RULES says which)
 overridden = {}  # what the last apply_overrides set from the command line or a config file: {key: value}
 defaults = {}    # the script's own values of every setting, before apply_overrides changed any
 
@@ -41,6 +43,8 @@ def _check(key, value, defaults, where):
     if value is None:
         raise ConfigError(f"{where}: '{key}' expects {type(default).__name__}, got None")
     if isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, str) and key in BOOL_OR_WORD:  # --grad_checkpoint=selective
+            return value
         if type(value) is not type(default):
             raise ConfigError(f"{where}: '{key}' expects {type(default).__name__}, got {value!r}")
         return value
@@ -154,6 +158,7 @@ RULES = {  # key: (holds for a sensible value, what the line says is expected)
     "compile": (lambda v: v in (True, False), "True, False or None (on with CUDA)"),
     "logprobs": (lambda v: v in ("auto", "chunked", "plain"), "'auto', 'chunked' or 'plain'"),
     "logprob_chunk": (lambda v: v >= 0, ">= 0 (0: no chunks)"),
+    "grad_checkpoint": (lambda v: v in (True, False, "selective"), "True, False or 'selective'"),
     "lora_rank": (lambda v: v >= 0, ">= 0 (0 = no LoRA: every weight trains)"),
     "lora_alpha": (lambda v: v > 0, "> 0"),
     "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),

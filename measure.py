@@ -101,14 +101,16 @@ def step_peak_memory(step, device_type):
 
 def memory_table(found, device_type):
     """step_peak_memory's numbers per kind {kind: {'peak_mb', 'step_mb'}} as lines of text; a '<kind>_chunked' is
-    also shown over its plain '<kind>'."""
+    also shown over its plain '<kind>', and every kind over dpo_live's peak (the plain live DPO step) when measured."""
+    live = found.get("dpo_live", {}).get("peak_mb")
     lines = [(f"peak memory of a step, MB ({'allocated' if device_type == 'cuda' else 'resident'}; step: over the "
-              "memory before it; /plain: a *_chunked kind's peak over its plain kind's)"),
-             f"  {'kind':<27}{'peak':>10}{'step':>10}{'/plain':>8}"]
+              "memory before it; /plain: a *_chunked kind's peak over its plain kind's; /dpo_live: over dpo_live's)"),
+             f"  {'kind':<27}{'peak':>10}{'step':>10}{'/plain':>8}{'/dpo_live':>10}"]
     for kind, m in found.items():
         plain = found.get(kind.removesuffix("_chunked"), {}).get("peak_mb") if kind.endswith("_chunked") else None
         lines.append(f"  {kind:<27}{m['peak_mb'] or 0:>10,.0f}{m['step_mb'] or 0:>10,.0f}"
-                     + (f"{m['peak_mb'] / plain:>8.2f}" if plain and m["peak_mb"] else ""))
+                     + (f"{m['peak_mb'] / plain:>8.2f}" if plain and m["peak_mb"] else f"{'':>8}")
+                     + (f"{m['peak_mb'] / live:>10.2f}" if live and m["peak_mb"] else ""))
     return "\n".join(lines)
 
 

@@ -189,7 +189,8 @@ def prepare_model(model, cfg, rt):
     if rt.master and (cfg["lora_rank"] or cfg["grad_checkpoint"]):
         lora = f"LoRA rank {cfg['lora_rank']} on {cfg['lora_targets']}, " if cfg["lora_rank"] else ""
         print(f"{lora}{trained:,} of {sum(p.numel() for p in model.parameters()):,} parameters trained"
-              + ("; activation checkpointing per block" if cfg["grad_checkpoint"] else ""))
+              + (f"; activation checkpointing per block{' (selective)' * (cfg['grad_checkpoint'] == 'selective')}"
+                 if cfg["grad_checkpoint"] else ""))
     return model
 
 

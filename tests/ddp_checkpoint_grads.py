@@ -1,8 +1,8 @@
 """Run by tests/test_lora.py under `torchrun --nproc_per_node=2` (gloo, CPU): one DPO backward of a DDP-wrapped
-tiny GPT, each rank on its own pairs, with and without activation checkpointing, for full fine-tuning (reference:
-a frozen deep copy) and for LoRA (reference: the policy with its adapters off). Rank 0 writes, for each, the
-largest difference between the checkpointed and the plain all-reduced gradients, and whether the ranks hold the
-same gradients (DDP synchronised them). Usage: torchrun ... ddp_checkpoint_grads.py OUT.json"""
+tiny GPT, each rank on its own pairs, with and without activation checkpointing (whole blocks, and selective), for
+full fine-tuning (reference: a frozen deep copy) and for LoRA (reference: the policy with its adapters off). Rank 0
+writes, for each, the largest difference between the checkpointed and the plain all-reduced gradients, and whether
+the ranks hold the same gradients (DDP synchronised them). Usage: torchrun ... ddp_checkpoint_grads.py OUT.json"""
 
 import copy
 import json
@@ -55,12 +55,12 @@ def gradients(lora, grad_checkpoint):
 
 
 results = {}
-for lora in (False, True):
-    plain, checkpointed = gradients(lora, False), gradients(lora, True)
+for lora, mode in ((False, True), (True, True), (False, "selective"), (True, "selective")):
+    plain, checkpointed = gradients(lora, False), gradients(lora, mode)
     assert plain.keys() == checkpointed.keys()
     gathered = [None, None]
     dist.all_gather_object(gathered, {n: g.tolist() for n, g in checkpointed.items()})
-    results["lora" if lora else "full"] = {
+    results[("lora" if lora else "full") + ("_selective" if mode == "selective" else "")] = {
         "max_abs_diff": max((plain[n] - checkpointed[n]).abs().max().item() for n in plain),
         "grad_norm": torch.cat([g.flatten() for g in plain.values()]).norm().item(),
         "n_tensors": len(plain),
@@ -69,4 +69,9 @@ for lora in (False, True):
 if rank == 0:
     with open(sys.argv[1], "w") as f:
         json.dump(results, f)
+# leave as runtime.cleanup does: rank 0's file is written, then out without the interpreter's teardown, where a
+# loaded machine can abort a gloo process ("terminate called without an active exception", SIGABRT)
+dist.barrier()
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)

@@ -32,6 +32,19 @@ def test_none_default_takes_any_value():
     assert parse_overrides(DEFAULTS, ["--sft_ckpt=3"]) == {"sft_ckpt": 3}
 
 
+def test_grad_checkpoint_takes_true_false_or_selective():
+    from configurator import check_config
+    from errors import UserError
+    defaults = {"grad_checkpoint": False}
+    for arg, value in (("True", True), ("False", False), ("selective", "selective")):
+        assert parse_overrides(defaults, [f"--grad_checkpoint={arg}"]) == {"grad_checkpoint": value}
+        check_config({"grad_checkpoint": value})
+    with pytest.raises(UserError, match="grad_checkpoint='sometimes' makes no sense: expected True, False or"):
+        check_config(parse_overrides(defaults, ["--grad_checkpoint=sometimes"]))
+    with pytest.raises(ConfigError, match="'compile' expects bool"):  # only the settings named may take a word
+        parse_overrides(DEFAULTS, ["--compile=selective"])
+
+
 def test_unknown_key_suggests_the_closest():
     with pytest.raises(ConfigError) as e:
         parse_overrides(DEFAULTS, ["--learnig_rate=1"])

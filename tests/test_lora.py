@@ -4,6 +4,7 @@ nothing else; merged weights give the adapter model's logits (and export / sampl
 exactly; checkpointed gradients equal plain ones, with and without LoRA, in one process and under DDP; and the
 scripts train with LoRA in memory for one model, every reference mode and loss included."""
 
+import collections
 import copy
 import json
 import math
@@ -13,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoint
 from configurator import check_config
@@ -247,6 +249,50 @@ def test_checkpointed_gradients_equal_plain_ones(lora):
         assert (grads[True][name] - g).abs().max() <= 1e-6, name
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops run while it is active, by name ('addmm', 'native_layer_norm', ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["causal", "packed"])
+def test_selective_checkpointing_recomputes_no_matmul(mask):
+    """float64, dropout 0.1, causal or prefix-shared (masked) attention: --grad_checkpoint=selective gives the plain
+    gradients (the recomputed dropout masks are the same ones), its backward runs exactly the plain backward's
+    matmuls and attention kernels (none is made again, unlike full checkpointing: 4 more per block), and it makes
+    LayerNorm (2 per block) and GELU (1) again, whose outputs it therefore did not keep."""
+    from data import collate_prefix_shared
+    batch = collate_prefix_shared(pairs(), pad_id=257)
+    grads, ops = {}, {}
+    for mode in (False, True, "selective"):
+        torch.manual_seed(0)
+        policy = GPT(GPTConfig(block_size=32, vocab_size=258, n_layer=3, n_head=2, n_embd=32, dropout=0.1)).double()
+        set_grad_checkpoint(policy, mode)
+        torch.manual_seed(1)
+        logits, _ = policy(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"] if mask else None)
+        loss = (logits.log_softmax(-1) * torch.randn(logits.shape, dtype=torch.float64)).sum()
+        with OpCounter() as counter:
+            loss.backward()
+        grads[mode], ops[mode] = {n: p.grad for n, p in policy.named_parameters()}, counter.ops
+    heavy = lambda o: {k: v for k, v in o.items() if "mm" in k or "attention" in k}  # noqa: E731
+    assert heavy(ops["selective"]) == heavy(ops[False]) and sum(heavy(ops[False]).values()) > 0
+    assert ops[True]["addmm"] - ops[False].get("addmm", 0) == 4 * 3  # full: the 4 projections of 3 blocks again
+    assert ops["selective"]["native_layer_norm"] == 2 * 3 and ops["selective"]["gelu"] == 3
+    assert ops[False].get("native_layer_norm", 0) == 0 and ops[False].get("gelu", 0) == 0
+    for name, g in grads[False].items():
+        assert g.abs().max() > 0, name
+        assert (grads["selective"][name] - g).abs().max() <= 1e-12, name
+        assert (grads[True][name] - g).abs().max() <= 1e-12, name
+    with pytest.raises(ValueError, match="grad_checkpoint: expected False, True or 'selective', got 'some'"):
+        set_grad_checkpoint(policy, "some")
+
+
 def test_checkpointed_gradients_equal_plain_ones_under_ddp(tmp_path, script_env):
     out = tmp_path / "grads.json"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -254,11 +300,11 @@ def test_checkpointed_gradients_equal_plain_ones_under_ddp(tmp_path, script_env)
                           env=script_env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert set(results) == {"full", "lora"}
+    assert set(results) == {"full", "lora", "full_selective", "lora_selective"}
     for kind, r in results.items():
         assert r["ranks_agree"], kind  # DDP averaged the checkpointed gradients over the ranks
         assert r["grad_norm"] > 1e-3 and r["max_abs_diff"] <= 1e-6, (kind, r)
-    assert results["lora"]["n_tensors"] == 2 * 4 * 2  # lora_A and lora_B of 4 layers in 2 blocks
+    assert results["lora"]["n_tensors"] == results["lora_selective"]["n_tensors"] == 2 * 4 * 2  # A, B x 4 x 2 blocks
 
 
 # ---------------------------------------------------------------- the scripts
