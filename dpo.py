@@ -128,7 +128,7 @@ lora_rank = 0             # > 0: train LoRA adapters (lora.py) only; the referen
 lora_alpha = 16.0         # the adapters' update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0        # dropout on the adapters' input
 lora_targets = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # all four projections of every block (README says why)
-grad_checkpoint = False   # True: recompute blocks in backward (~1/3 more time); 'selective': only LayerNorm/GELU
+grad_checkpoint = False   # True: recompute blocks in backward (~1/3 more time); 'selective': LayerNorm/GELU only
 # -----------------------------------------------------------------------------------------------------------
 config = apply_overrides(globals())
 check_config(config)       # nonsense values (batch_size=0, ...) stop here, in one line
@@ -231,7 +231,7 @@ def compute_loss(policy_model, reference_model, pairs, table_rows=None):
     if loss_type == "kto":  # unpaired examples, with a KL reference point from mismatched rows: kto.py
         return kto.batch_loss(policy_model, reference_model, pairs, layout, rt, beta, desirable_weight,
                               undesirable_weight)
-    rc, rr = reference_logps(reference_model, pairs, table_rows)  # first: its memory is freed before the policy's
+    rc, rr = reference_logps(reference_model, pairs, table_rows)  # first: its temporaries go before the policy's
     # summed log-probs and token counts of chosen, rejected: (B,) each; with --use_weighting, WPO's pair weights
     pc, pr, nc, nr, *wpo = pair_logps(policy_model, pairs, wpo=use_weighting)
     # --loss_type picks the loss: dpo -> losses.dpo_loss(pc, pr, rc, rr, beta, label_smoothing), ...

@@ -149,7 +149,7 @@ class Block(nn.Module):
             # it would have saved. Non-reentrant: correct when no input requires grad (frozen embeddings under
             # LoRA), under DDP, and it restores the RNG so dropout draws the same masks the second time.
             # 'selective': the matmuls' and attention's outputs are kept too, so the second run only redoes the
-            # cheap ops (LayerNorm, GELU, adds, dropout): 11/15 of the memory for 1-3% more time, not ~1/3
+            # cheap ops (LayerNorm, GELU, adds, dropout): 11/16 of the memory for 0.5-3% more time, not ~1/3
             context = selective_context if self.grad_checkpoint == "selective" else noop_context_fn
             return checkpoint(self.layers, x, attn_mask, use_reentrant=False, context_fn=context)
         return self.layers(x, attn_mask, cache)
@@ -435,8 +435,8 @@ def set_grad_checkpoint(model, on=True):
 
 
 # Selective checkpointing keeps the outputs of what costs FLOPs to make (matmuls, attention): per token and block,
-# the input C, q/k/v 3C, attention's output C, the two projections' 2C and the MLP's hidden layer 4C, 11C against
-# 15C unchecked (C = n_embd). LayerNorm and GELU outputs are made again in backward.
+# the input C, q/k/v 3C, attention's output C, the two c_proj outputs 2C and the MLP's hidden layer 4C: 11C against
+# 16C unchecked (C = n_embd), whose two LayerNorm outputs, mid-block residual and GELU output (7C) are made again.
 _aten = torch.ops.aten
 KEPT_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
             _aten._scaled_dot_product_flash_attention_for_cpu.default,

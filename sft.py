@@ -90,7 +90,7 @@ lora_rank = 0             # > 0: train rank-r LoRA adapters (lora.py) on lora_ta
 lora_alpha = 16.0         # the adapters' update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0        # dropout on the adapters' input
 lora_targets = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"  # all four projections of every block (README says why)
-grad_checkpoint = False   # True: recompute blocks in backward (~1/3 more time); 'selective': only LayerNorm/GELU
+grad_checkpoint = False   # True: recompute blocks in backward (~1/3 more time); 'selective': LayerNorm/GELU only
 # -----------------------------------------------------------------------------------------------------------
 config = apply_overrides(globals())
 check_config(config)  # nonsense values (batch_size=0, ...) stop here, in one line
