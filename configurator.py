@@ -7,8 +7,8 @@ which reads sys.argv: a bare argument is a Python config file (e.g. config/dpo_t
 override the defaults; `--key=value` overrides one setting, the value parsed as a Python literal with a plain
 string as fallback (--out_dir=out/x, --beta=0.5, --compile=True). Every key must already exist and keep its
 type (an int may stand for a float; a setting whose default is None takes any value; one in BOOL_OR_WORD also
-a word). Mistakes end the run
-with one line that names the problem and, for a misspelt key, the closest known key.
+takes a word, --grad_checkpoint=selective). Mistakes end the run with one line that names the problem and, for a
+misspelt key, the closest known key.
 """
 
 import ast
