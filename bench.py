@@ -234,7 +234,7 @@ def sft_step_loss(batch):
 
 def dpo_step_loss(logps_fn, live):
     def loss_fn(batch):
-        if live:  # the reference first, as dpo.py runs it: its temporaries are gone before the policy's activations grow
+        if live:  # the reference first, as dpo.py runs it: its temporaries go before the policy's activations grow
             with torch.no_grad():
                 rc, rr = logps_fn(ref_model, batch)
         else:
