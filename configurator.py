@@ -15,7 +15,7 @@ import ast
 import difflib
 import sys
 
-from errors import UserError
+from nanopo.errors import UserError
 
 SIMPLE_TYPES = (int, float, bool, str, type(None))
 BOOL_OR_WORD = {"grad_checkpoint"}  # True / False settings that also take a word (RULES says which)

@@ -10,7 +10,7 @@ that are response tokens or the EOS, never on prompt or padding.
 import tiktoken
 import torch
 
-from errors import UserError
+from nanopo.errors import UserError
 
 # -----------------------------------------------------------------------------------------------------------
 # Tokenisation

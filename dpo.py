@@ -28,22 +28,22 @@ from functools import partial  # noqa: E402
 
 import torch
 
-import checkpoint
-import kto
-import runtime
+from nanopo import checkpoint
+from nanopo import kto
+from nanopo import runtime
 from configurator import apply_overrides, check_config
 from data import BatchOrder, Tokenizer, encode_pair_rows
-from errors import install_error_handler
-from evaluation import complete, evaluate_loss, evaluate_task
-from formats import cached_encode, dataset_kind, load_splits, write_jsonl
-from logger import Logger, model_flops_per_token, peak_rss_mb, summary
+from nanopo.errors import install_error_handler
+from nanopo.evaluation import complete, evaluate_loss, evaluate_task
+from nanopo.formats import cached_encode, dataset_kind, load_splits, write_jsonl
+from nanopo.logger import Logger, model_flops_per_token, peak_rss_mb, summary
 from logprobs import (concatenated_logps, concatenated_tokens, logprob_path, logps_table, prefix_shared_logps,
                       prefix_shared_tokens)
-from lora import AdaptersOff
-from objectives import Objective, check_loss_options, needs_reference
-from optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
-from reference import ReferenceSync
-from tasks import AdditionTask, AnswerTask, judged_pairs
+from nanopo.lora import AdaptersOff
+from nanopo.objectives import Objective, check_loss_options, needs_reference
+from nanopo.optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
+from nanopo.reference import ReferenceSync
+from nanopo.tasks import AdditionTask, AnswerTask, judged_pairs
 
 install_error_handler()  # bad input ends the run with one line, not a traceback
 # -----------------------------------------------------------------------------------------------------------

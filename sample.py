@@ -8,12 +8,12 @@ $ python sample.py --prompt_file=prompts.txt         # one prompt per line (use 
 Without prompts it takes the first n_prompts held-out problems of the embedded task and marks each answer.
 """
 
-import runtime
-from checkpoint import load_checkpoint, model_from_checkpoint
+from nanopo import runtime
+from nanopo.checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import apply_overrides
 from data import Tokenizer
-from errors import UserError, install_error_handler
-from tasks import AdditionTask
+from nanopo.errors import UserError, install_error_handler
+from nanopo.tasks import AdditionTask
 
 install_error_handler()  # bad input ends the run with one line, not a traceback
 

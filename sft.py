@@ -20,18 +20,18 @@ if "OMP_WAIT_POLICY" not in os.environ:
 
 import time  # noqa: E402  (the imports below load torch)
 
-import checkpoint
-import runtime
+from nanopo import checkpoint
+from nanopo import runtime
 from configurator import apply_overrides, check_config
 from data import BatchOrder, Tokenizer, encode_sft_rows
-from errors import install_error_handler
-from evaluation import evaluate_loss, evaluate_task
-from formats import cached_encode, load_splits
-from logger import Logger, model_flops_per_token, peak_rss_mb, summary
+from nanopo.errors import install_error_handler
+from nanopo.evaluation import evaluate_loss, evaluate_task
+from nanopo.formats import cached_encode, load_splits
+from nanopo.logger import Logger, model_flops_per_token, peak_rss_mb, summary
 from logprobs import completion_logps, logprob_path
 from losses import sft_loss
-from optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
-from tasks import AdditionTask, AnswerTask, gsm8k_answer
+from nanopo.optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
+from nanopo.tasks import AdditionTask, AnswerTask, gsm8k_answer
 
 install_error_handler()  # bad input ends the run with one line, not a traceback
 # -----------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from evaluation import sampled_kl  # noqa: F401  (the notebooks call nbutil.sampled_kl)
+from nanopo.evaluation import sampled_kl  # noqa: F401  (the notebooks call nbutil.sampled_kl)
 
 # where the notebooks' runs go; the tests point it at a temporary folder
 OUT = os.environ.get("NANOPO_NOTEBOOK_OUT", "out/notebooks")
@@ -44,8 +44,8 @@ def ensure_sft(args=None, out_dir=SFT_DIR):
     """Run an SFT (by default the short one notebooks 03 and 04 share) into out_dir unless a checkpoint made with
     the same settings is already there (the first notebook to ask pays for it: ~30-45 s on a 2-core CPU).
     Returns the checkpoint's path."""
-    from checkpoint import load_checkpoint
-    from errors import UserError
+    from nanopo.checkpoint import load_checkpoint
+    from nanopo.errors import UserError
     args = SFT_ARGS if args is None else args
     path = f"{out_dir}/ckpt.pt"
     try:
@@ -122,9 +122,9 @@ def best_of_n(model, task, tok, ns, n_prompts=500, max_new_tokens=8, seed=0):
 
 def load_model(path):
     """A GPT from a checkpoint (dropout off), its tokenizer and the task it was trained on."""
-    from checkpoint import load_checkpoint, model_from_checkpoint
+    from nanopo.checkpoint import load_checkpoint, model_from_checkpoint
     from data import Tokenizer
-    from tasks import AdditionTask
+    from nanopo.tasks import AdditionTask
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, path, dropout=0.0).eval()
     cfg = ckpt["config"]

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from logprobs import concatenated_logps  # noqa: E402
-from lora import AdaptersOff, apply_lora  # noqa: E402
+from nanopo.lora import AdaptersOff, apply_lora  # noqa: E402
 from losses import dpo_loss  # noqa: E402
 from model import GPT, GPTConfig, set_grad_checkpoint  # noqa: E402
 

@@ -13,14 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-import checkpoint
+from nanopo import checkpoint
 import configurator
-import optim
-import runtime
+from nanopo import optim
+from nanopo import runtime
 from configurator import apply_overrides
 from data import BatchOrder, encode_pair_rows, encode_sft_rows
-from errors import UserError
-from formats import load_rows
+from nanopo.errors import UserError
+from nanopo.formats import load_rows
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,13 +215,13 @@ def dpo_config(*argv):
     (["--loss_type=sft", "--use_weighting=True"], "use_weighting applies to every loss but"),
 ], ids=lambda v: "_".join(a.split("=")[0].lstrip("-") for a in v) if isinstance(v, list) else None)
 def test_loss_options_that_do_not_apply(argv, match):
-    from objectives import check_loss_options
+    from nanopo.objectives import check_loss_options
     one_line_error(check_loss_options, dpo_config(*argv), match=match)
 
 
 def test_loss_options_that_apply_pass():
     """The control: the same options where they apply raise nothing."""
-    from objectives import check_loss_options
+    from nanopo.objectives import check_loss_options
     for argv in (["--loss_type=dpo+bco+sft", "--loss_weights=0.8,0.2,1.0", "--label_smoothing=0.1"],
                  ["--loss_type=discopop", "--discopop_tau=0.1", "--use_weighting=True", "--ld_alpha=0.5"],
                  ["--f_divergence_type=alpha", "--f_alpha_divergence_coef=0.3", "--ref_sync_steps=5",

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import checkpoint
-import optim
-from errors import UserError
+from nanopo import checkpoint
+from nanopo import optim
+from nanopo.errors import UserError
 from model import GPT
 
 

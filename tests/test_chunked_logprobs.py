@@ -305,7 +305,7 @@ def test_sft_and_dpo_runs_log_the_same_losses_either_way(repo_root, tmp_path):
 def test_the_memory_benchmark_predicts_chunks_not_full_logits():
     """bench_memory.predict with --logprobs=chunked: the log-prob path holds two chunks of logits, not three
     (rows, T, vocab) tensors."""
-    import bench_memory
+    from bench import memory as bench_memory
     shape = dict(n_layer=2, n_embd=32, vocab_size=258)
     plain, _ = bench_memory.predict("full", shape, 1000, tokens=10, rank=4)
     chunked, _ = bench_memory.predict("full", shape, 1000, tokens=10, rank=4, logprobs="chunked", chunk=4)
@@ -316,7 +316,7 @@ def test_the_memory_benchmark_predicts_chunks_not_full_logits():
 def test_mfu_counts_the_lm_head_where_it_runs(model):
     """logger.model_flops_per_token with chunked log-probs: the head's 6VC FLOPs per trained token (2VC per
     forward-only pass) leave out the prompt's share of the tokens, by hand."""
-    from logger import model_flops_per_token
+    from nanopo.logger import model_flops_per_token
     rows = [([1, 2, 3], [4, E]), ([5, 6, 7, 8, 9], [10, 11, E])]  # 8 prompt tokens of 13
     VC = model.lm_head.weight.numel()
     for forward_only in (0, 1):

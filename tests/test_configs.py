@@ -59,7 +59,7 @@ def test_a_config_with_a_wrong_key_is_caught(tmp_path, repo_root):
 
 
 def test_sample_prints_both_models_greedy_answers(tmp_path, repo_root, script_env):
-    import checkpoint
+    from nanopo import checkpoint
     from data import Tokenizer
 
     sft_dir, dpo_dir = tmp_path / "sft", tmp_path / "dpo"

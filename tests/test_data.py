@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from data import BatchOrder, Tokenizer, collate, collate_pairs, encode_pair_rows, encode_sft_rows, truncate
-from errors import UserError
-from tasks import AdditionTask
+from nanopo.errors import UserError
+from nanopo.tasks import AdditionTask
 
 EOS, PAD = 256, 257  # the byte tokenizer's special ids
 

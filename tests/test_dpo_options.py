@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 
-import kto
+from nanopo import kto
 from model import GPT
 
 SFT = ["--n_layer=1", "--n_head=2", "--n_embd=48", "--max_iters=120", "--batch_size=32", "--learning_rate=3e-3",

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from data import SkipCounter, collate, collate_pairs, encode_pair_rows, encode_sft_rows
-from errors import UserError
-from formats import detect_format, load_rows, render_chat
-from tasks import AnswerTask, extract_final_number, gsm8k_answer
+from nanopo.errors import UserError
+from nanopo.formats import detect_format, load_rows, render_chat
+from nanopo.tasks import AnswerTask, extract_final_number, gsm8k_answer
 
 
 def _write(tmp_path, name, rows):
@@ -359,7 +359,7 @@ def test_gsm8k_answer_and_final_number():
 
 def test_common_prefix_len_equals_a_character_loop():
     """HH's prompt is the transcripts' common start; the bisection that finds it against the obvious loop."""
-    from formats import _common_prefix_len
+    from nanopo.formats import _common_prefix_len
     rng = random.Random(0)
     for _ in range(5000):
         a, b = ("".join(rng.choice("ab\n") for _ in range(rng.randint(0, 12))) for _ in range(2))

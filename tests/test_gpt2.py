@@ -10,9 +10,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from checkpoint import save_checkpoint  # noqa: E402
+from nanopo.checkpoint import save_checkpoint  # noqa: E402
 
-from export_hf import export  # noqa: E402
+from scripts.export_hf import export  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data import Tokenizer, encode_pair_rows
-from tasks import AdditionTask, bradley_terry, judged_pairs
+from nanopo.tasks import AdditionTask, bradley_terry, judged_pairs
 from test_ddp import assert_same_losses, run
 from test_dpo_options import SFT, run_script
 
@@ -113,7 +113,7 @@ def test_kto_gets_thumbs_up_and_down():
 
 
 def test_judged_pairs_need_two_samples_and_the_task():
-    from errors import UserError
+    from nanopo.errors import UserError
     with pytest.raises(UserError, match="n_samples >= 2"):
         judged_pairs(TASK, fake_generate([1, 2]), 10, 1, 1.0, 1.0, seed=0)
     with pytest.raises(UserError, match="needs the embedded task"):
@@ -162,7 +162,7 @@ def test_two_ranks_train_on_the_same_judged_pairs(sft_ckpt, repo_root, script_en
 
 
 def online(repo_root, env, out_dir, sft_ckpt, *args):
-    cmd = [sys.executable, "online_dpo.py", f"--sft_ckpt={sft_ckpt}", f"--out_dir={out_dir}", "--rounds=2",
+    cmd = [sys.executable, "-m", "scripts.online_dpo", f"--sft_ckpt={sft_ckpt}", f"--out_dir={out_dir}", "--rounds=2",
            "--n_pairs=64", "--max_iters=8",
            "--dpo_args=--n_samples=3 --sample_temperature=1.5 --batch_size=16 --log_interval=1 --learning_rate=1e-3 "
            "--min_lr=1e-3 --n_eval=50", *args]
@@ -210,7 +210,7 @@ def test_sampled_kl_and_reward_match_exact_sums(tiny_config):
     max_new_tokens=1 every sample is one token (EOS: the empty answer), so the expected log-ratio is the exact
     KL(p || q) = sum_v p(v) log(p(v) / q(v)) and the expected reward sum_v p(v) r(v), both summed in float64 over
     the two models' next-token distributions. 4,000 samples of one prompt must land within 4 standard errors."""
-    from evaluation import sampled_kl
+    from nanopo.evaluation import sampled_kl
     from model import GPT
     torch.manual_seed(0)
     policy, reference = GPT(tiny_config).double().eval(), GPT(tiny_config).double().eval()

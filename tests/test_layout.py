@@ -12,31 +12,47 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # lowest first: a module may import only modules listed before it (the README's "import downwards only")
-LAYERS = ["errors", "configurator", "model", "lora", "data", "tasks", "formats", "logprobs", "losses", "runtime",
-          "kto", "objectives", "optim", "logger", "measure", "evaluation", "checkpoint", "reference"]
-SCRIPTS = ["sft.py", "dpo.py", "online_dpo.py", "sample.py", "export_hf.py", "bench.py", "bench_memory.py",
-           "bench_threads.py", "plot.py"]
+LAYERS = ["nanopo.errors", "configurator", "model", "nanopo.lora", "data", "nanopo.tasks", "nanopo.formats",
+          "logprobs", "losses", "nanopo.runtime", "nanopo.kto", "nanopo.objectives", "nanopo.optim",
+          "nanopo.logger", "bench.measure", "nanopo.evaluation", "nanopo.checkpoint", "nanopo.reference"]
+SCRIPTS = ["sft.py", "dpo.py", "scripts/online_dpo.py", "sample.py", "scripts/export_hf.py", "bench/step_time.py",
+           "bench/memory.py", "bench/threads.py", "scripts/plot.py"]
+PACKAGES = ["nanopo", "bench", "scripts"]
+
+
+def module_path(name):
+    return os.path.join(REPO, name.replace(".", os.sep) + ".py")
 
 
 def repo_imports(path):
-    """The repo modules a file imports, anywhere in it (top level or inside functions)."""
+    """The repo modules a file imports, anywhere in it (top level or inside functions), as dotted names."""
     names = set()
     for node in ast.walk(ast.parse(open(path).read())):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
+            names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
     return names & set(LAYERS)
 
 
+def python_files():
+    """Every .py file at the top level and in the packages, relative to the repository root."""
+    found = {f for f in os.listdir(REPO) if f.endswith(".py")}
+    for package in PACKAGES:
+        found |= {f"{package}/{f}" for f in os.listdir(os.path.join(REPO, package))
+                  if f.endswith(".py") and f != "__init__.py"}
+    return found
+
+
 def test_every_module_is_in_the_layer_list():
-    modules = {f[:-3] for f in os.listdir(REPO) if f.endswith(".py")} - {s[:-3] for s in SCRIPTS}
+    modules = {f[:-3].replace("/", ".") for f in python_files() - set(SCRIPTS)}
     assert modules == set(LAYERS)
 
 
 @pytest.mark.parametrize("module", LAYERS)
 def test_modules_import_downwards_only(module):
-    higher = repo_imports(os.path.join(REPO, module + ".py")) - set(LAYERS[:LAYERS.index(module)])
+    higher = repo_imports(module_path(module)) - set(LAYERS[:LAYERS.index(module)])
     assert not higher, f"{module}.py imports {sorted(higher)}, which sit above it"
 
 
@@ -79,7 +95,7 @@ def test_the_readme_line_numbers_point_at_what_they_name():
     dpo = open(os.path.join(REPO, "dpo.py")).read().splitlines()
 
     # "`name` (line N)" in the text: line N of losses.py or logprobs.py defines `name`
-    sources = {f: open(os.path.join(REPO, f)).read().splitlines() for f in ("losses.py", "logprobs.py", "objectives.py")}
+    sources = {f: open(os.path.join(REPO, f)).read().splitlines() for f in ("losses.py", "logprobs.py", "nanopo/objectives.py")}
     cited = re.findall(r"`(\w+)` \(line (\d+)\)", section)
     assert len(cited) >= 4
     for name, line in cited:

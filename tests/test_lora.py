@@ -16,14 +16,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import checkpoint
+from nanopo import checkpoint
 from configurator import check_config
-from errors import UserError
+from nanopo.errors import UserError
 from logprobs import concatenated_logps
-from lora import AdaptersOff, LoRALinear, adapters_off, apply_lora, lora_settings, merge_lora
+from nanopo.lora import AdaptersOff, LoRALinear, adapters_off, apply_lora, lora_settings, merge_lora
 from losses import dpo_loss
 from model import GPT, GPTConfig, set_grad_checkpoint
-from optim import configure_optimizer
+from nanopo.optim import configure_optimizer
 from test_ddp import assert_same_losses, records
 from test_dpo_options import DPO, SFT, dpo, live_parameters, losses, run_script
 from test_dpo_options import sft_ckpt  # noqa: F401  (a fixture: the tiny SFT run the in-process DPO runs start from)
@@ -170,7 +170,7 @@ def test_a_lora_checkpoint_loads_merged_and_exports(tmp_path, tiny_model):
         expected = policy(idx())[0]
         assert (loaded(idx())[0] - expected).abs().max() <= 1e-5
     transformers = pytest.importorskip("transformers")  # noqa: F841
-    from export_hf import export
+    from scripts.export_hf import export
     hf = export(path, str(tmp_path / "hf"))
     with torch.no_grad():
         assert (hf(idx()).logits - expected).abs().max() <= 1e-5
@@ -199,7 +199,7 @@ def test_flops_count_frozen_weights_at_four_per_token(tiny_model, tiny_config):
 def test_the_memory_benchmark_counts_what_the_model_holds(tiny_model, tiny_config):
     """bench_memory.py predicts memory from parameter counts: its adapter count is the model's, and its parts
     add up as the docstring says (20 bytes per parameter for full fine-tuning with a copied reference)."""
-    import bench_memory
+    from bench import memory as bench_memory
     apply_lora(tiny_model, rank=4, alpha=8.0)
     counted = sum(p.numel() for p in tiny_model.parameters() if p.requires_grad)
     assert bench_memory.lora_parameter_count(tiny_config.n_layer, tiny_config.n_embd, 4) == counted

@@ -15,9 +15,9 @@ from logprobs import (average_logps, concatenated_logps, length_desensitized, pr
 from losses import (EXP_CAP, aot_loss, apo_down_loss, apo_zero_loss, bco_loss, capped_exp, discopop_loss, dpo_loss,
                     exo_loss, f_divergence, hinge_loss, ipo_loss, nca_loss, robust_loss, sppo_hard_loss)
 from model import GPT, GPTConfig
-from objectives import Objective, RunningMean, preference_loss
-from reference import ReferenceSync, mix_into
-from runtime import SINGLE_PROCESS_CPU
+from nanopo.objectives import Objective, RunningMean, preference_loss
+from nanopo.reference import ReferenceSync, mix_into
+from nanopo.runtime import SINGLE_PROCESS_CPU
 
 LN2 = math.log(2)
 E, PAD = 256, 257  # the byte tokenizer's EOS and padding ids
@@ -338,7 +338,7 @@ def test_running_mean_adds_the_ranks_first():
     class FakeRanks:  # as if another rank had sent sum 10 over 2 values
         ddp = True
     m = RunningMean()
-    import objectives
+    from nanopo import objectives
     real = objectives.all_reduce_sum
     objectives.all_reduce_sum = lambda totals, rt: totals + torch.tensor([10.0, 2.0], dtype=torch.float64)
     try:

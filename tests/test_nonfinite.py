@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-import checkpoint
+from nanopo import checkpoint
 import losses
-from errors import UserError
+from nanopo.errors import UserError
 from logprobs import average_logps, summed_logps, token_logps
 from losses import dpo_loss, sft_loss, simpo_loss
 from model import GPT, GPTConfig

@@ -67,7 +67,7 @@ def test_notebook_runs_and_matches_committed_outputs(path):
 # plot.py
 
 sys.path.insert(0, REPO)
-import plot  # noqa: E402
+from scripts import plot  # noqa: E402
 
 # a hand-written metrics.jsonl: training lines, evaluation lines sharing an iter, a blank line, and a last line
 # cut short (a run killed mid-write)
@@ -120,8 +120,8 @@ def test_run_labels_are_folder_names_unless_they_clash():
 
 
 def run_plot(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO, "plot.py"), *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "scripts.plot", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
 
 
 def test_plot_writes_the_pngs_it_prints(tmp_path):
@@ -169,7 +169,7 @@ def test_best_of_n_keeps_the_best_of_the_first_n_by_hand():
     sys.path.insert(0, os.path.join(REPO, "notebooks"))
     import nbutil
     from data import Tokenizer
-    from tasks import AdditionTask
+    from nanopo.tasks import AdditionTask
 
     task, tok = AdditionTask(n_digits=2, n_eval=50), Tokenizer("byte")
     offsets = [3, 1, 0, 5]  # draw k answers sum + offsets[k] for every prompt

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-import logger
-from runtime import SINGLE_PROCESS_CPU
+from nanopo import logger
+from nanopo.runtime import SINGLE_PROCESS_CPU
 from test_dpo_options import DPO, SFT, run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

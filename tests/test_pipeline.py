@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-import checkpoint
-import optim
+from nanopo import checkpoint
+from nanopo import optim
 from data import collate_pairs
 from logprobs import summed_logps, token_logps
 from losses import dpo_loss

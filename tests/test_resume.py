@@ -16,8 +16,7 @@ import time
 import pytest
 import torch
 
-import checkpoint
-
+from nanopo import checkpoint
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=8", "--n_eval=50", "--device=cpu",
             "--log_interval=1"]

@@ -4,7 +4,7 @@ tokenising again, and any change to the rows, tokenizer or block size misses the
 import os
 
 from data import Tokenizer, encode_pair_rows
-from formats import cached_encode
+from nanopo.formats import cached_encode
 
 ROWS = [{"prompt": "Is the sky blue?", "chosen": " Yes.", "rejected": " No."},
         {"prompt": "2+2=", "chosen": "4", "rejected": "5"},

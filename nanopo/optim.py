@@ -7,8 +7,8 @@ import math
 
 import torch
 
-from errors import UserError
-from runtime import all_reduce_sum
+from nanopo.errors import UserError
+from nanopo.runtime import all_reduce_sum
 
 
 def get_lr(it, learning_rate, min_lr, warmup_iters, lr_decay_iters, decay_lr=True):

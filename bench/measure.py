@@ -114,10 +114,19 @@ def memory_table(found, device_type):
     return "\n".join(lines)
 
 
+def this_command():
+    """The command line that started this process: `python -m bench.step_time ...` when run as a module (so
+    the repository root stays on sys.path), else `python path ...`."""
+    spec = sys.modules["__main__"].__spec__
+    if spec is not None:
+        return [sys.executable, "-m", spec.name, *sys.argv[1:]]
+    return [sys.executable, *sys.argv]
+
+
 def in_fresh_process(*args):
     """Run this script again, as it was started plus `args`, in a new process, and return the JSON object its last
     line of stdout holds; a failure ends this process with the other's error."""
-    run = subprocess.run([sys.executable, *sys.argv, *args], capture_output=True, text=True)
+    run = subprocess.run(this_command() + list(args), capture_output=True, text=True)
     if run.returncode != 0:
         sys.exit(f"error: {' '.join(args)} failed in its own process:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.splitlines()[-1])

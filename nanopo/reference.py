@@ -6,8 +6,8 @@ log-probs once instead (logprobs.logps_table).
 
 import torch
 
-from checkpoint import full_state_dict
-from runtime import unwrap
+from nanopo.checkpoint import full_state_dict
+from nanopo.runtime import unwrap
 
 
 @torch.no_grad()

@@ -17,10 +17,10 @@ import torch.distributed as dist
 
 import configurator
 from data import Tokenizer
-from errors import UserError
-from lora import apply_lora, lora_settings, merge_lora
+from nanopo.errors import UserError
+from nanopo.lora import apply_lora, lora_settings, merge_lora
 from model import GPT, GPTConfig
-from runtime import SINGLE_PROCESS_CPU, unwrap
+from nanopo.runtime import SINGLE_PROCESS_CPU, unwrap
 
 CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes
 

@@ -17,8 +17,8 @@ import os
 import torch
 
 from data import SkipCounter
-from errors import UserError
-from tasks import gsm8k_answer
+from nanopo.errors import UserError
+from nanopo.tasks import gsm8k_answer
 
 def render_chat(messages, add_generation_prompt=True):
     """Render [{'role', 'content'}] messages as plain text, the one chat template of this code base:

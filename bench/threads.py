@@ -29,7 +29,8 @@ iters = 100       # SFT steps per timed run
 repeats = 2       # runs per setting and load; the median over runs of each run's median ms/iter is shown
 config = apply_overrides(globals())
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# the repository root: sft.py and dpo.py live there
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # setting name -> (environment variables, extra sft.py arguments)
 UNSET = {"OMP_WAIT_POLICY": "", "GOMP_SPINCOUNT": ""}  # '' = removed from the environment
 SETTINGS = {  # (the scripts set GOMP_SPINCOUNT=1000 when neither variable is set: each row sets one)
@@ -45,7 +46,7 @@ def run(script, env, args):
     """Run one script with extra environment variables (a '' value removes one); its stdout and wall seconds."""
     env = {k: v for k, v in {**os.environ, **env}.items() if v != ""}
     t0 = time.time()
-    out = subprocess.run([sys.executable, os.path.join(HERE, script), *args], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], env=env, capture_output=True, text=True,
                          check=True).stdout
     return out, time.time() - t0
 

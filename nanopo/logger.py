@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from runtime import all_reduce_sum, compiled_graphs
+from nanopo.runtime import all_reduce_sum, compiled_graphs
 
 PROGRESS_AFTER = 3.0   # seconds a loop runs before it prints progress lines
 PROGRESS_EVERY = 5.0   # seconds between them

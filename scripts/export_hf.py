@@ -1,7 +1,7 @@
 """
 Export a checkpoint of ours as a Hugging Face transformers GPT2LMHeadModel folder (config.json + safetensors):
 
-    python export_hf.py out/dpo/ckpt.pt out/dpo/hf
+    python -m scripts.export_hf out/dpo/ckpt.pt out/dpo/hf
 
 Our GPT keeps GPT-2's layout, so the export is a renaming plus one transpose: GPT-2 stores the attention and MLP
 projections as Conv1D, weight (in, out), where nn.Linear holds (out, in). n_positions is our block_size, the
@@ -25,9 +25,9 @@ import sys
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from nanopo.checkpoint import load_checkpoint, model_from_checkpoint
 from data import Tokenizer
-from errors import UserError, install_error_handler
+from nanopo.errors import UserError, install_error_handler
 
 # projections GPT-2 keeps as Conv1D (weight transposed relative to nn.Linear)
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -79,7 +79,7 @@ def export(ckpt_path, out_dir):
 if __name__ == "__main__":
     install_error_handler()
     if len(sys.argv) != 3:
-        raise UserError("usage: python export_hf.py CHECKPOINT OUT_DIR  (e.g. out/dpo/ckpt.pt out/dpo/hf)")
+        raise UserError("usage: python -m scripts.export_hf CHECKPOINT OUT_DIR  (e.g. out/dpo/ckpt.pt out/dpo/hf)")
     try:
         import transformers  # noqa: F401
     except ImportError:

@@ -28,12 +28,12 @@ that. Per example, live DPO costs 2 sequences x (fwd + bwd) + 2 x fwd = 16N agai
 (ratio 16/6), precomputed 12N/6N; the prefix-shared steps run fewer tokens per pair. MFU is achieved FLOP/s over
 a peak: on CUDA a per-GPU bf16 table below, on CPU the float32 matmul rate this script measures in the same run.
 
-$ python bench.py --size=tiny --steps=20
-$ python bench.py --size=small --steps=20 --out=out/bench_small.json
-$ python bench.py --size=gpt2 --device=cuda --batch_size=8 --prompt_len=256 --response_len=256 --compile=True
-$ python bench.py --size=gpt2 --device=cpu --batch_size=8 --prompt_len=256 --response_len=256 --timing=False \
+$ python -m bench.step_time --size=tiny --steps=20
+$ python -m bench.step_time --size=small --steps=20 --out=out/bench_small.json
+$ python -m bench.step_time --size=gpt2 --device=cuda --batch_size=8 --prompt_len=256 --response_len=256 --compile=True
+$ python -m bench.step_time --size=gpt2 --device=cpu --batch_size=8 --prompt_len=256 --response_len=256 --timing=False \
       --kinds=dpo_live,dpo_live_chunked,prefix_live_chunked --grad_checkpoint=selective   # peak memory only
-$ python bench.py --memory=True --size=gpt2   # peak memory: full vs LoRA, +/- activation checkpointing (bench_memory)
+$ python -m bench.step_time --memory=True --size=gpt2   # peak memory: full vs LoRA, +/- activation checkpointing (bench_memory)
 
 Memory allocator (CPU): glibc's malloc serves blocks above its mmap threshold (128 KiB, rising to at most 32 MiB)
 with mmap and returns freed memory above its trim threshold, so a step's large activations are page-faulted in
@@ -56,7 +56,9 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "4294967296", "MALLOC_TRIM_THRESHOLD_": 
 if (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
         and not any(k in os.environ for k in MALLOC_ENV)):
     # before torch is imported, so its allocations see the settings from the first byte
-    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **MALLOC_ENV})
+    # (run as `python -m bench.step_time`: the same module again, so its imports resolve from the repo root)
+    command = [sys.executable, "-m", __spec__.name] if __spec__ else [sys.executable, sys.argv[0]]
+    os.execve(sys.executable, command + sys.argv[1:], {**os.environ, **MALLOC_ENV})
 
 import copy
 import json
@@ -65,16 +67,16 @@ from functools import partial
 
 import torch
 
-import runtime
+from nanopo import runtime
 from configurator import apply_overrides, overridden
 from data import collate, collate_pairs, collate_prefix_shared
-from logger import measure_matmul_flops, peak_flops
+from nanopo.logger import measure_matmul_flops, peak_flops
 from logprobs import packed_row_logps, scored_columns, summed_logps, token_logps
 from losses import dpo_loss, sft_loss
-from measure import (device_name, in_fresh_process, memory_table, step_peak_memory, time_generation, time_in_turns,
+from bench.measure import (device_name, in_fresh_process, memory_table, step_peak_memory, time_generation, time_in_turns,
                      timed, write_json)
 from model import GPT, GPTConfig, set_grad_checkpoint
-from optim import configure_optimizer
+from nanopo.optim import configure_optimizer
 
 # -----------------------------------------------------------------------------------------------------------
 size = "small"            # 'tiny', 'small' or 'gpt2' (see SIZES)
@@ -124,8 +126,8 @@ B, P, R = batch_size or B0, prompt_len or P0, response_len or R0
 if B < 1 or P < 1 or R < 1:
     sys.exit("error: batch_size, prompt_len and response_len must be positive")
 if memory:  # one live DPO step's peak memory and time per pair, each kind in a fresh process (bench_memory.py)
-    import bench_memory
-    bench_memory.main(config, dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
+    from bench import memory as memory_bench
+    memory_bench.main(config, dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
                                    block_size=block_size), overridden)
     sys.exit(0)
 rt = runtime.setup(device, dtype, seed=1)

@@ -11,13 +11,13 @@ import os
 import torch
 
 import configurator
-import kto
-from errors import UserError
+from nanopo import kto
+from nanopo.errors import UserError
 from logprobs import average_logps
 from losses import (F_DIVERGENCES, aot_loss, apo_down_loss, apo_zero_loss, bco_loss, discopop_loss, dpo_loss,
                     exo_loss, f_divergence, hinge_loss, implicit_rewards, ipo_loss, nca_loss, orpo_loss, robust_loss,
                     sft_loss, simpo_loss, sppo_hard_loss)
-from runtime import all_reduce_sum, micro_batches
+from nanopo.runtime import all_reduce_sum, micro_batches
 
 # The pairwise losses, by what they read. kto (unpaired, kto.py) stands apart.
 AVERAGED = ("dpo_norm", "ipo")  # per-token average log-probs of policy and reference; the rest sum them

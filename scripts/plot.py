@@ -2,10 +2,10 @@
 Turn training runs' metrics.jsonl into pictures: loss, rewards, margins / reward accuracy and task accuracy,
 several runs overlaid, each labelled with its folder's name.
 
-$ python plot.py out/dpo                                  # PNGs next to the run: out/dpo/loss.png, ...
-$ python plot.py out/dpo out/ipo out/simpo --out out/cmp  # runs compared on shared axes
-$ python plot.py out/dpo --out assets --prefix dpo_       # assets/dpo_loss.png, assets/dpo_rewards.png, ...
-$ python plot.py out/dpo out/ipo --figures task_accuracy  # only some of the figures
+$ python -m scripts.plot out/dpo                                  # PNGs next to the run: out/dpo/loss.png, ...
+$ python -m scripts.plot out/dpo out/ipo out/simpo --out out/cmp  # runs compared on shared axes
+$ python -m scripts.plot out/dpo --out assets --prefix dpo_       # assets/dpo_loss.png, assets/dpo_rewards.png, ...
+$ python -m scripts.plot out/dpo out/ipo --figures task_accuracy  # only some of the figures
 
 A figure is written only when some run logged what it shows (an SFT run has no rewards, for example).
 The paths of the PNGs written are printed, one per line.

@@ -35,11 +35,11 @@ float32 logits and log-softmax weigh as much as all twelve blocks' activations, 
 halves the activations" is checked on the blocks' part (all activations minus the head kind's) and reported on
 all of them too; chunked log-probs, which never hold the whole (rows, T, vocab) tensor, shrink the head's part.
 
-$ python bench.py --memory=True --size=tiny                     # seconds: checks that it runs
-$ python bench.py --memory=True --size=gpt2                     # GPT-2 124M shape, 2 pairs of 64 + 64 tokens
-$ python bench.py --memory=True --size=gpt2-medium              # 24 layers, 1024 wide (355M)
-$ python bench.py --memory=True --size=gpt2 --device=cuda       # on a GPU: bf16 autocast, max_memory_allocated
-$ python bench.py --memory=True --size=gpt2 --logprobs=chunked  # chunked log-probs (the scripts' default at GPT-2)
+$ python -m bench.step_time --memory=True --size=tiny                     # seconds: checks that it runs
+$ python -m bench.step_time --memory=True --size=gpt2                     # GPT-2 124M shape, 2 pairs of 64 + 64 tokens
+$ python -m bench.step_time --memory=True --size=gpt2-medium              # 24 layers, 1024 wide (355M)
+$ python -m bench.step_time --memory=True --size=gpt2 --device=cuda       # on a GPU: bf16 autocast, max_memory_allocated
+$ python -m bench.step_time --memory=True --size=gpt2 --logprobs=chunked  # chunked log-probs (the scripts' default at GPT-2)
 """
 
 import copy
@@ -95,12 +95,12 @@ def predict(kind, shape, n_params, tokens, rank, logprobs="plain", chunk=1024):
 
 def child(kind, settings):
     """One kind, in this (fresh) process: build, measure, print one JSON line."""
-    import runtime
+    from nanopo import runtime
     from logprobs import concatenated_logps
-    from lora import AdaptersOff, apply_lora
+    from nanopo.lora import AdaptersOff, apply_lora
     from losses import dpo_loss
     from model import GPT, GPTConfig, set_grad_checkpoint
-    from optim import configure_optimizer
+    from nanopo.optim import configure_optimizer
 
     rt = runtime.setup(settings["device"], settings["dtype"], seed=1)
     cuda = rt.device_type == "cuda"
@@ -192,7 +192,7 @@ def main(config, shape, overridden):
           "process")
     results = {}
     for kind in KINDS:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), kind, json.dumps(settings)],
+        proc = subprocess.run([sys.executable, "-m", "bench.memory", kind, json.dumps(settings)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"error: the '{kind}' process failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -232,5 +232,4 @@ def main(config, shape, overridden):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     child(sys.argv[1], json.loads(sys.argv[2]))

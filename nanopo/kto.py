@@ -18,11 +18,11 @@ paper.
 import torch
 
 from data import encode_pair_rows, encode_sft_rows
-from errors import UserError
-from formats import cached_encode
+from nanopo.errors import UserError
+from nanopo.formats import cached_encode
 from logprobs import completion_logps
 from losses import kto_loss, kto_mismatched_indices
-from runtime import all_reduce_sum
+from nanopo.runtime import all_reduce_sum
 
 
 def encode(rows, tok, block_size, source, use_cache=False, allow_empty=False):

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from errors import UserError
-from lora import AdaptersOff, apply_lora, lora_targets
+from nanopo.errors import UserError
+from nanopo.lora import AdaptersOff, apply_lora, lora_targets
 from model import FLEX_AVAILABLE, set_grad_checkpoint
 
 

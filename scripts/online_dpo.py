@@ -12,11 +12,11 @@ Greedy accuracy alone hides what rounds do to the policy's distribution (README 
 The budget is the offline run's: n_pairs judged pairs and max_iters optimizer steps in all, split evenly over
 the rounds, so `--rounds=1` is the offline baseline at the same cost.
 
-$ python online_dpo.py                                   # 4 rounds from out/sft/ckpt.pt into out/online
-$ python online_dpo.py --rounds=1 --out_dir=out/offline  # one offline round at the same budget
-$ python online_dpo.py --reference=previous              # each round's reference is the previous round's policy
-$ python online_dpo.py --dpo_args="--loss_type=ipo --beta=0.5"   # any dpo.py setting, for every round
-$ python online_dpo.py --nproc=2                         # each round under torchrun on 2 processes
+$ python -m scripts.online_dpo                                   # 4 rounds from out/sft/ckpt.pt into out/online
+$ python -m scripts.online_dpo --rounds=1 --out_dir=out/offline  # one offline round at the same budget
+$ python -m scripts.online_dpo --reference=previous              # each round's reference is the previous round's policy
+$ python -m scripts.online_dpo --dpo_args="--loss_type=ipo --beta=0.5"   # any dpo.py setting, for every round
+$ python -m scripts.online_dpo --nproc=2                         # each round under torchrun on 2 processes
 Interrupted? Run the same command again: finished rounds are kept, an unfinished one resumes from its checkpoint.
 """
 
@@ -27,12 +27,12 @@ import sys
 
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint, task_settings
+from nanopo.checkpoint import load_checkpoint, model_from_checkpoint, task_settings
 from configurator import apply_overrides
 from data import Tokenizer
-from errors import UserError, install_error_handler
-from evaluation import sampled_kl
-from tasks import AdditionTask
+from nanopo.errors import UserError, install_error_handler
+from nanopo.evaluation import sampled_kl
+from nanopo.tasks import AdditionTask
 
 install_error_handler()
 # -----------------------------------------------------------------------------------------------------------
@@ -54,7 +54,8 @@ if reference not in ("sft", "previous"):
     raise UserError(f"unknown reference '{reference}': expected 'sft' or 'previous'")
 if rounds < 1 or n_pairs < rounds or max_iters < rounds:
     raise UserError(f"rounds={rounds} must be >= 1 and at most n_pairs={n_pairs} and max_iters={max_iters}")
-here = os.path.dirname(os.path.abspath(__file__))
+# the repository root, where dpo.py lives
+root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def finished(round_dir, iters):
@@ -78,7 +79,7 @@ for k in range(1, rounds + 1):
         launcher = [sys.executable] if nproc == 1 else ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
         print(f"round {k}/{rounds}: $ {' '.join(['python' if nproc == 1 else ' '.join(launcher), 'dpo.py', *args])}",
               flush=True)
-        if subprocess.run(launcher + [os.path.join(here, "dpo.py"), *args]).returncode != 0:
+        if subprocess.run(launcher + [os.path.join(root, "dpo.py"), *args]).returncode != 0:
             raise UserError(f"round {k} failed (its output is above); run the same command again to resume it")
     start = os.path.join(round_dir, "ckpt.pt")  # the next round's policy starts here
 final = torch.load(start, map_location="cpu", weights_only=True)

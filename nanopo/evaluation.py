@@ -9,9 +9,9 @@ policy's samples earn and how far they are from a reference's, for online_dpo.py
 import torch
 
 from data import collate
-from logger import Progress
+from nanopo.logger import Progress
 from logprobs import summed_logps, token_logps
-from runtime import all_reduce_sum, unwrap
+from nanopo.runtime import all_reduce_sum, unwrap
 
 
 @torch.no_grad()

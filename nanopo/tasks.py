@@ -10,7 +10,7 @@ import random
 import re
 from decimal import Decimal, InvalidOperation
 
-from errors import UserError
+from nanopo.errors import UserError
 
 # -----------------------------------------------------------------------------------------------------------
 # The embedded task: n-digit addition with an exact verifier

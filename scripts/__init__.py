@@ -1,0 +1,1 @@
+"""Tools around the lesson: online rounds, plots, export. Run from the repository root: python -m scripts.plot"""
