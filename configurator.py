@@ -9,13 +9,34 @@ string as fallback (--out_dir=out/x, --beta=0.5, --compile=True). Every key must
 type (an int may stand for a float; a setting whose default is None takes any value; one in BOOL_OR_WORD also
 takes a word, --grad_checkpoint=selective). Mistakes end the run with one line that names the problem and, for a
 misspelt key, the closest known key.
+
+It also holds how bad input ends a run: every module raises UserError for a problem with the user's data or
+settings, and the scripts call install_error_handler() first, so such an error prints as one line, `error: ...`
+(exit code 1), while a bug in the code still shows its whole traceback. Importing this module changes nothing.
 """
 
 import ast
 import difflib
 import sys
 
-from nanopo.errors import UserError
+class UserError(Exception):
+    """A problem with the user's input or settings: reported as one line, never as a traceback."""
+
+
+def _report_user_errors(exc_type, exc, tb):
+    if issubclass(exc_type, UserError):
+        print(f"error: {exc}", file=sys.stderr)
+    else:
+        sys.__excepthook__(exc_type, exc, tb)
+
+
+def install_error_handler():
+    """From now on an uncaught UserError prints one line on stderr; anything else keeps its traceback."""
+    sys.excepthook = _report_user_errors
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Settings from the command line and config files
 
 SIMPLE_TYPES = (int, float, bool, str, type(None))
 BOOL_OR_WORD = {"grad_checkpoint"}  # True / False settings that also take a word (RULES says which)

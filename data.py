@@ -10,7 +10,7 @@ that are response tokens or the EOS, never on prompt or padding.
 import tiktoken
 import torch
 
-from nanopo.errors import UserError
+from configurator import UserError
 
 # -----------------------------------------------------------------------------------------------------------
 # Tokenisation

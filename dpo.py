@@ -33,7 +33,7 @@ from nanopo import kto
 from nanopo import runtime
 from configurator import apply_overrides, check_config
 from data import BatchOrder, Tokenizer, encode_pair_rows
-from nanopo.errors import install_error_handler
+from configurator import install_error_handler
 from nanopo.evaluation import complete, evaluate_loss, evaluate_task
 from nanopo.formats import cached_encode, dataset_kind, load_splits, write_jsonl
 from nanopo.logger import Logger, model_flops_per_token, peak_rss_mb, summary
@@ -41,7 +41,7 @@ from logprobs import (concatenated_logps, concatenated_tokens, logprob_path, log
                       prefix_shared_tokens)
 from nanopo.lora import AdaptersOff
 from nanopo.objectives import Objective, check_loss_options, needs_reference
-from nanopo.optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
+from nanopo.runtime import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
 from nanopo.reference import ReferenceSync
 from nanopo.tasks import AdditionTask, AnswerTask, judged_pairs
 

@@ -12,7 +12,7 @@ from nanopo import runtime
 from nanopo.checkpoint import load_checkpoint, model_from_checkpoint
 from configurator import apply_overrides
 from data import Tokenizer
-from nanopo.errors import UserError, install_error_handler
+from configurator import UserError, install_error_handler
 from nanopo.tasks import AdditionTask
 
 install_error_handler()  # bad input ends the run with one line, not a traceback

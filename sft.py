@@ -24,13 +24,13 @@ from nanopo import checkpoint
 from nanopo import runtime
 from configurator import apply_overrides, check_config
 from data import BatchOrder, Tokenizer, encode_sft_rows
-from nanopo.errors import install_error_handler
+from configurator import install_error_handler
 from nanopo.evaluation import evaluate_loss, evaluate_task
 from nanopo.formats import cached_encode, load_splits
 from nanopo.logger import Logger, model_flops_per_token, peak_rss_mb, summary
 from logprobs import completion_logps, logprob_path
 from losses import sft_loss
-from nanopo.optim import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
+from nanopo.runtime import NonFiniteGuard, clip_grad_norm, configure_optimizer, get_lr, set_lr
 from nanopo.tasks import AdditionTask, AnswerTask, gsm8k_answer
 
 install_error_handler()  # bad input ends the run with one line, not a traceback

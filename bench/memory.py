@@ -100,7 +100,7 @@ def child(kind, settings):
     from nanopo.lora import AdaptersOff, apply_lora
     from losses import dpo_loss
     from model import GPT, GPTConfig, set_grad_checkpoint
-    from nanopo.optim import configure_optimizer
+    from nanopo.runtime import configure_optimizer
 
     rt = runtime.setup(settings["device"], settings["dtype"], seed=1)
     cuda = rt.device_type == "cuda"

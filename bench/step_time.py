@@ -76,7 +76,7 @@ from losses import dpo_loss, sft_loss
 from bench.measure import (device_name, in_fresh_process, memory_table, step_peak_memory, time_generation, time_in_turns,
                      timed, write_json)
 from model import GPT, GPTConfig, set_grad_checkpoint
-from nanopo.optim import configure_optimizer
+from nanopo.runtime import configure_optimizer
 
 # -----------------------------------------------------------------------------------------------------------
 size = "small"            # 'tiny', 'small' or 'gpt2' (see SIZES)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import configurator
 from data import Tokenizer
-from nanopo.errors import UserError
+from configurator import UserError
 from nanopo.lora import apply_lora, lora_settings, merge_lora
 from model import GPT, GPTConfig
 from nanopo.runtime import SINGLE_PROCESS_CPU, unwrap

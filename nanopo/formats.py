@@ -17,7 +17,7 @@ import os
 import torch
 
 from data import SkipCounter
-from nanopo.errors import UserError
+from configurator import UserError
 from nanopo.tasks import gsm8k_answer
 
 def render_chat(messages, add_generation_prompt=True):

@@ -18,7 +18,7 @@ paper.
 import torch
 
 from data import encode_pair_rows, encode_sft_rows
-from nanopo.errors import UserError
+from configurator import UserError
 from nanopo.formats import cached_encode
 from logprobs import completion_logps
 from losses import kto_loss, kto_mismatched_indices

@@ -12,7 +12,7 @@ import torch
 
 import configurator
 from nanopo import kto
-from nanopo.errors import UserError
+from configurator import UserError
 from logprobs import average_logps
 from losses import (F_DIVERGENCES, aot_loss, apo_down_loss, apo_zero_loss, bco_loss, discopop_loss, dpo_loss,
                     exo_loss, f_divergence, hinge_loss, implicit_rewards, ipo_loss, nca_loss, orpo_loss, robust_loss,

@@ -10,7 +10,7 @@ import random
 import re
 from decimal import Decimal, InvalidOperation
 
-from nanopo.errors import UserError
+from configurator import UserError
 
 # -----------------------------------------------------------------------------------------------------------
 # The embedded task: n-digit addition with an exact verifier

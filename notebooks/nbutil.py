@@ -45,7 +45,7 @@ def ensure_sft(args=None, out_dir=SFT_DIR):
     the same settings is already there (the first notebook to ask pays for it: ~30-45 s on a 2-core CPU).
     Returns the checkpoint's path."""
     from nanopo.checkpoint import load_checkpoint
-    from nanopo.errors import UserError
+    from configurator import UserError
     args = SFT_ARGS if args is None else args
     path = f"{out_dir}/ckpt.pt"
     try:

@@ -27,7 +27,7 @@ import torch
 
 from nanopo.checkpoint import load_checkpoint, model_from_checkpoint
 from data import Tokenizer
-from nanopo.errors import UserError, install_error_handler
+from configurator import UserError, install_error_handler
 
 # projections GPT-2 keeps as Conv1D (weight transposed relative to nn.Linear)
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

@@ -30,7 +30,7 @@ import torch
 from nanopo.checkpoint import load_checkpoint, model_from_checkpoint, task_settings
 from configurator import apply_overrides
 from data import Tokenizer
-from nanopo.errors import UserError, install_error_handler
+from configurator import UserError, install_error_handler
 from nanopo.evaluation import sampled_kl
 from nanopo.tasks import AdditionTask
 

@@ -25,7 +25,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from data import Tokenizer  # noqa: E402
-from nanopo.errors import UserError  # noqa: E402
+from configurator import UserError  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 # The models here are tiny: one thread avoids thread start-up costs and contention on a small shared machine.

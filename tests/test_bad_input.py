@@ -15,11 +15,11 @@ import torch
 
 from nanopo import checkpoint
 import configurator
-from nanopo import optim
+from nanopo import runtime as optim
 from nanopo import runtime
 from configurator import apply_overrides
 from data import BatchOrder, encode_pair_rows, encode_sft_rows
-from nanopo.errors import UserError
+from configurator import UserError
 from nanopo.formats import load_rows
 from model import GPT, GPTConfig
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from nanopo import checkpoint
-from nanopo import optim
-from nanopo.errors import UserError
+from nanopo import runtime as optim
+from configurator import UserError
 from model import GPT
 
 

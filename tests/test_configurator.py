@@ -34,7 +34,7 @@ def test_none_default_takes_any_value():
 
 def test_grad_checkpoint_takes_true_false_or_selective():
     from configurator import check_config
-    from nanopo.errors import UserError
+    from configurator import UserError
     defaults = {"grad_checkpoint": False}
     for arg, value in (("True", True), ("False", False), ("selective", "selective")):
         assert parse_overrides(defaults, [f"--grad_checkpoint={arg}"]) == {"grad_checkpoint": value}

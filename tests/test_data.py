@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data import BatchOrder, Tokenizer, collate, collate_pairs, encode_pair_rows, encode_sft_rows, truncate
-from nanopo.errors import UserError
+from configurator import UserError
 from nanopo.tasks import AdditionTask
 
 EOS, PAD = 256, 257  # the byte tokenizer's special ids

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data import SkipCounter, collate, collate_pairs, encode_pair_rows, encode_sft_rows
-from nanopo.errors import UserError
+from configurator import UserError
 from nanopo.formats import detect_format, load_rows, render_chat
 from nanopo.tasks import AnswerTask, extract_final_number, gsm8k_answer
 

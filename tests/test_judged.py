@@ -113,7 +113,7 @@ def test_kto_gets_thumbs_up_and_down():
 
 
 def test_judged_pairs_need_two_samples_and_the_task():
-    from nanopo.errors import UserError
+    from configurator import UserError
     with pytest.raises(UserError, match="n_samples >= 2"):
         judged_pairs(TASK, fake_generate([1, 2]), 10, 1, 1.0, 1.0, seed=0)
     with pytest.raises(UserError, match="needs the embedded task"):

@@ -18,12 +18,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanopo import checkpoint
 from configurator import check_config
-from nanopo.errors import UserError
+from configurator import UserError
 from logprobs import concatenated_logps
 from nanopo.lora import AdaptersOff, LoRALinear, adapters_off, apply_lora, lora_settings, merge_lora
 from losses import dpo_loss
 from model import GPT, GPTConfig, set_grad_checkpoint
-from nanopo.optim import configure_optimizer
+from nanopo.runtime import configure_optimizer
 from test_ddp import assert_same_losses, records
 from test_dpo_options import DPO, SFT, dpo, live_parameters, losses, run_script
 from test_dpo_options import sft_ckpt  # noqa: F401  (a fixture: the tiny SFT run the in-process DPO runs start from)

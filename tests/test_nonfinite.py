@@ -16,7 +16,7 @@ import torch
 
 from nanopo import checkpoint
 import losses
-from nanopo.errors import UserError
+from configurator import UserError
 from logprobs import average_logps, summed_logps, token_logps
 from losses import dpo_loss, sft_loss, simpo_loss
 from model import GPT, GPTConfig

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nanopo import checkpoint
-from nanopo import optim
+from nanopo import runtime as optim
 from data import collate_pairs
 from logprobs import summed_logps, token_logps
 from losses import dpo_loss
