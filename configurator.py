@@ -3,21 +3,23 @@ nanoGPT-style configuration. A script defines its settings as plain module globa
 
     apply_overrides(globals())
 
-which reads sys.argv: a bare argument is a Python config file (e.g. config/dpo_tiny.py) whose assignments
-override the defaults; `--key=value` overrides one setting, the value parsed as a Python literal with a plain
-string as fallback (--out_dir=out/x, --beta=0.5, --compile=True). Every key must already exist and keep its
-type (an int may stand for a float; a setting whose default is None takes any value; one in BOOL_OR_WORD also
-takes a word, --grad_checkpoint=selective). Mistakes end the run with one line that names the problem and, for a
-misspelt key, the closest known key.
+which reads sys.argv: a bare argument is a Python config file (e.g. config/dpo_tiny.py) whose
+assignments override the defaults; `--key=value` overrides one setting, the value parsed as a Python
+literal with a plain string as fallback (--out_dir=out/x, --beta=0.5, --compile=True). Every key
+must already exist and keep its type (an int may stand for a float; a setting whose default is None
+takes any value; one in BOOL_OR_WORD also takes a word, --grad_checkpoint=selective). Mistakes end
+the run with one line that names the problem and, for a misspelt key, the closest known key.
 
-It also holds how bad input ends a run: every module raises UserError for a problem with the user's data or
-settings, and the scripts call install_error_handler() first, so such an error prints as one line, `error: ...`
-(exit code 1), while a bug in the code still shows its whole traceback. Importing this module changes nothing.
+It also holds how bad input ends a run: every module raises UserError for a problem with the user's
+data or settings, and the scripts call install_error_handler() first, so such an error prints as one
+line, `error: ...` (exit code 1), while a bug in the code still shows its whole traceback.
+Importing this module changes nothing.
 """
 
 import ast
 import difflib
 import sys
+
 
 class UserError(Exception):
     """A problem with the user's input or settings: reported as one line, never as a traceback."""
@@ -31,17 +33,21 @@ def _report_user_errors(exc_type, exc, tb):
 
 
 def install_error_handler():
-    """From now on an uncaught UserError prints one line on stderr; anything else keeps its traceback."""
+    """From now on an uncaught UserError prints one line on stderr; anything else keeps its
+    traceback."""
     sys.excepthook = _report_user_errors
 
 
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Settings from the command line and config files
 
 SIMPLE_TYPES = (int, float, bool, str, type(None))
-BOOL_OR_WORD = {"grad_checkpoint"}  # True / False settings that also take a word (RULES says which)
-overridden = {}  # what the last apply_overrides set from the command line or a config file: {key: value}
-defaults = {}    # the script's own values of every setting, before apply_overrides changed any
+# True / False settings that also take a word (RULES says which)
+BOOL_OR_WORD = {"grad_checkpoint"}
+# what the last apply_overrides set from the command line or a config file: {key: value}
+overridden = {}
+# the script's own values of every setting, before apply_overrides changed any
+defaults = {}
 
 
 class ConfigError(ValueError):
@@ -64,7 +70,8 @@ def _check(key, value, defaults, where):
     if value is None:
         raise ConfigError(f"{where}: '{key}' expects {type(default).__name__}, got None")
     if isinstance(default, bool) or isinstance(value, bool):
-        if isinstance(default, bool) and isinstance(value, str) and key in BOOL_OR_WORD:  # --grad_checkpoint=selective
+        # --grad_checkpoint=selective
+        if isinstance(default, bool) and isinstance(value, str) and key in BOOL_OR_WORD:
             return value
         if type(value) is not type(default):
             raise ConfigError(f"{where}: '{key}' expects {type(default).__name__}, got {value!r}")
@@ -74,13 +81,15 @@ def _check(key, value, defaults, where):
     if isinstance(default, str) and not isinstance(value, str):
         return str(value)  # --out_dir=123 means the folder "123"
     if type(value) is not type(default):
-        raise ConfigError(f"{where}: '{key}' expects {type(default).__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{where}: '{key}' expects {type(default).__name__}, "
+                          f"got {type(value).__name__} {value!r}")
     return value
 
 
 def parse_overrides(defaults, argv):
     """defaults: {key: value}; argv: the command-line arguments after the script name.
-    Returns {key: new value} for every overridden key, in order; raises ConfigError on any mistake."""
+    Returns {key: new value} for every overridden key, in order; raises ConfigError on any
+    mistake."""
     updates = {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -95,8 +104,9 @@ def parse_overrides(defaults, argv):
             except Exception as e:
                 raise ConfigError(f"config file '{arg}': {type(e).__name__}: {e}") from None
             for key, value in scope.items():
+                # imports and helpers inside a config file are not settings
                 if key.startswith("_") or not isinstance(value, SIMPLE_TYPES):
-                    continue  # imports and helpers inside a config file are not settings
+                    continue
                 updates[key] = _check(key, value, defaults, f"config file '{arg}'")
         else:
             if "=" not in arg:
@@ -113,8 +123,8 @@ def parse_overrides(defaults, argv):
 
 
 def apply_overrides(g, argv=None):
-    """Override the script's globals `g` in place from sys.argv (or argv); exit with one line on a mistake.
-    Returns the final config as a dict (what checkpoints and logs record)."""
+    """Override the script's globals `g` in place from sys.argv (or argv); exit with one line on a
+    mistake. Returns the final config as a dict (what checkpoints and logs record)."""
     keys = config_keys(g)
     script_defaults = {k: g[k] for k in keys}
     try:
@@ -131,10 +141,11 @@ def apply_overrides(g, argv=None):
     return {k: g[k] for k in keys}
 
 
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Values that make no sense stop the run before any work, in one line naming the setting
 
-RULES = {  # key: (holds for a sensible value, what the line says is expected)
+# key: (holds for a sensible value, what the line says is expected)
+RULES = {
     "batch_size": (lambda v: v >= 1, ">= 1"),
     "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
     "max_iters": (lambda v: v >= 0, ">= 0"),
@@ -175,7 +186,8 @@ RULES = {  # key: (holds for a sensible value, what the line says is expected)
     "pairs": (lambda v: v in ("verified", "judged"), "'verified' or 'judged'"),
     "judge_temperature": (lambda v: v > 0, "> 0"),
     "threads": (lambda v: v >= 0, ">= 0 (0 = the default)"),
-    "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"), "'auto', 'float32', 'bfloat16' or 'float16'"),
+    "dtype": (lambda v: v in ("auto", "float32", "bfloat16", "float16"),
+              "'auto', 'float32', 'bfloat16' or 'float16'"),
     "compile": (lambda v: v in (True, False), "True, False or None (on with CUDA)"),
     "logprobs": (lambda v: v in ("auto", "chunked", "plain"), "'auto', 'chunked' or 'plain'"),
     "logprob_chunk": (lambda v: v >= 0, ">= 0 (0: no chunks)"),
@@ -187,12 +199,13 @@ RULES = {  # key: (holds for a sensible value, what the line says is expected)
 
 
 def check_config(cfg):
-    """Check the settings a script has (rules only for keys present) right after apply_overrides; a NaN fails
-    every rule, since every comparison with it is False."""
+    """Check the settings a script has (rules only for keys present) right after apply_overrides;
+    a NaN fails every rule, since every comparison with it is False."""
     for key, (ok, expected) in RULES.items():
         if key in cfg and cfg[key] is not None and not ok(cfg[key]):
             raise UserError(f"{key}={cfg[key]!r} makes no sense: expected {expected}")
     if cfg.get("ref_ckpt") and cfg.get("lora_rank"):
-        raise UserError("ref_ckpt with lora_rank: a LoRA policy's reference is its own base weights, adapters off")
+        raise UserError("ref_ckpt with lora_rank: "
+                        "a LoRA policy's reference is its own base weights, adapters off")
     if cfg.get("n_head", 0) >= 1 and cfg.get("n_embd", 0) % cfg.get("n_head", 1) != 0:
         raise UserError(f"n_embd={cfg['n_embd']} is not divisible by n_head={cfg['n_head']}")

@@ -1,21 +1,22 @@
 """
 Print the policy's and the reference's completions side by side for a few prompts.
 
-$ python sample.py                                   # out/dpo/ckpt.pt vs the SFT checkpoint it started from
+$ python sample.py                # out/dpo/ckpt.pt vs the SFT checkpoint it started from
 $ python sample.py --ckpt=out/ipo/ckpt.pt --temperature=1.0 --num_samples=3
 $ python sample.py --prompts="12+34=|99+99=" --ckpt=out/dpo/ckpt.pt
-$ python sample.py --prompt_file=prompts.txt         # one prompt per line (use \n inside a line for newlines)
-Without prompts it takes the first n_prompts held-out problems of the embedded task and marks each answer.
+$ python sample.py --prompt_file=prompts.txt   # one prompt per line (\n inside a line: a newline)
+Without prompts it takes the first n_prompts held-out problems of the embedded task and marks each
+answer.
 """
 
+from configurator import UserError, apply_overrides, install_error_handler
+from data import Tokenizer
 from nanopo import runtime
 from nanopo.checkpoint import load_checkpoint, model_from_checkpoint
-from configurator import apply_overrides
-from data import Tokenizer
-from configurator import UserError, install_error_handler
 from nanopo.tasks import AdditionTask
 
-install_error_handler()  # bad input ends the run with one line, not a traceback
+# bad input ends the run with one line, not a traceback
+install_error_handler()
 
 ckpt = "out/dpo/ckpt.pt"  # the policy
 ref_ckpt = ""             # '' = the SFT checkpoint named in ckpt's config
@@ -37,9 +38,9 @@ tok = Tokenizer(policy_ckpt["tokenizer"])
 ref_path = ref_ckpt or policy_ckpt["config"].get("sft_ckpt")
 if not ref_path:
     raise UserError(f"{ckpt} names no SFT checkpoint: pass --ref_ckpt=...")
+reference_ckpt = load_checkpoint(ref_path, tok.name, missing_hint=REF_HINT)
 models = {"policy": model_from_checkpoint(policy_ckpt, ckpt, dropout=0.0),
-          "reference": model_from_checkpoint(load_checkpoint(ref_path, tok.name, missing_hint=REF_HINT), ref_path,
-                                                    dropout=0.0)}
+          "reference": model_from_checkpoint(reference_ckpt, ref_path, dropout=0.0)}
 task = None
 if prompt_file:
     try:
@@ -49,8 +50,9 @@ if prompt_file:
         raise UserError(f"prompt file {prompt_file}: {e}")
 elif prompts:
     prompt_list = prompts.split("|")
-else:  # held-out problems of the embedded task, settings from the SFT run that made the reference
-    sft_config = load_checkpoint(ref_path, missing_hint=REF_HINT)["config"]
+else:
+    # held-out problems of the embedded task, settings from the SFT run that made the reference
+    sft_config = reference_ckpt["config"]
     task = AdditionTask(sft_config.get("n_digits", 2), sft_config.get("n_eval", 1000),
                         sft_config.get("task_seed", 1234))
     prompt_list = task.eval_prompts[:n_prompts]
@@ -61,21 +63,36 @@ generator = torch.Generator(device=rt.device).manual_seed(seed)
 outputs = {}
 for name, model in models.items():
     model.to(rt.device).eval()
-    with rt.autocast():
-        outputs[name] = [[tok.decode(o) for o in model.generate(
-            [tok.encode(p)] * num_samples, max_new_tokens, tok.eos_id, tok.pad_id, temperature=temperature,
-            top_k=top_k or None, generator=generator)] for p in prompt_list]
+    outputs[name] = []
+    for p in prompt_list:
+        with rt.autocast():
+            completions = model.generate([tok.encode(p)] * num_samples, max_new_tokens, tok.eos_id,
+                                         tok.pad_id, temperature=temperature, top_k=top_k or None,
+                                         generator=generator)
+        outputs[name].append([tok.decode(o) for o in completions])
 
 
 def show(prompt, text):
-    mark = "" if task is None else ("  ok" if task.is_correct(prompt, text) else "  wrong")
-    return repr(text) + mark
+    """A completion as Python writes it (so whitespace shows), marked against the task if any."""
+    if task is None:
+        return repr(text)
+    if task.is_correct(prompt, text):
+        return repr(text) + "  ok"
+    return repr(text) + "  wrong"
 
 
 ref_head = f"reference ({ref_path})"
-width = max([len(ref_head)] + [len(show(p, t)) for p, outs in zip(prompt_list, outputs["reference"]) for t in outs]) + 2
+width = len(ref_head)
+for prompt, outs in zip(prompt_list, outputs["reference"]):
+    for text in outs:
+        width = max(width, len(show(prompt, text)))
+width += 2
 print(f"{'prompt':<16}{ref_head:<{width}}policy ({ckpt})")
 for i, prompt in enumerate(prompt_list):
     for j in range(num_samples):
-        head = repr(prompt) if j == 0 else ""
-        print(f"{head:<16}{show(prompt, outputs['reference'][i][j]):<{width}}{show(prompt, outputs['policy'][i][j])}")
+        head = ""
+        if j == 0:
+            head = repr(prompt)
+        reference = show(prompt, outputs["reference"][i][j])
+        policy = show(prompt, outputs["policy"][i][j])
+        print(f"{head:<16}{reference:<{width}}{policy}")

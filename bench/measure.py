@@ -1,7 +1,8 @@
 """
-Measuring tools for the benchmark scripts (bench.py): host time of a function, steps timed in turns (wall and
-CPU time, page faults), the peak memory of one step (allocated memory on CUDA, resident memory on a CPU), a fresh
-process for a measurement, generation with and without the KV cache, the device's name and the JSON report.
+Measuring tools for the benchmark scripts (bench/): host time of a function, steps timed in turns
+(wall and CPU time, page faults), the peak memory of one step (allocated memory on CUDA, resident
+memory on a CPU), a fresh process for a measurement, generation with and without the KV cache, the
+device's name and the JSON report.
 
 Peak memory on a CPU: the kernel keeps a process's peak resident set size (VmHWM in /proc/self/status) and lets
 a process set it back to the current size (writing 5 to /proc/self/clear_refs, Linux >= 4.0). Memory that malloc

@@ -1,6 +1,7 @@
 """
-Memory benchmark (`python bench.py --memory=True`, which runs this file): the peak memory and the time per pair
-of one live DPO step, for four kinds of run on the same model and batch (and a fifth that splits the activations):
+Memory benchmark (`python -m bench.step_time --memory=True`, which runs this file): the peak memory
+and the time per pair of one live DPO step, for four kinds of run on the same model and batch (and
+a fifth that splits the activations):
 
   full        every weight trains (AdamW state for all), the reference a frozen deep copy      (dpo.py's default)
   full_ckpt   the same with activation checkpointing (--grad_checkpoint)
@@ -9,9 +10,10 @@ of one live DPO step, for four kinds of run on the same model and batch (and a f
   head        no transformer blocks (n_layer=0), full fine-tuning: the embeddings, the LM head and the log-probs
               alone, whose activations the other kinds' minus give the blocks' (what checkpointing acts on)
 
-Each kind runs in a fresh process (bench.py starts one per kind), so one kind's freed memory cannot hide
-another's peak. A step is what dpo.py runs: the policy's concatenated forward (logprobs.concatenated_logps), the
-reference's under no_grad (run first), losses.dpo_loss, backward, clipping, AdamW. Measured, per kind:
+Each kind runs in a fresh process (bench/step_time.py starts one per kind), so one kind's freed
+memory cannot hide another's peak. A step is what dpo.py runs: the policy's concatenated forward
+(logprobs.concatenated_logps), the reference's under no_grad (run first), losses.dpo_loss,
+backward, clipping, AdamW. Measured, per kind:
 
   peak        the process's peak memory: on a CPU its peak RSS (ru_maxrss), on CUDA max_memory_allocated
   above start the peak minus the memory at start (CPU: the RSS of Python + torch after a toy model's step, before
@@ -176,7 +178,8 @@ def child(kind, settings):
 
 
 def main(config, shape, overridden):
-    """bench.py --memory=True: one fresh process per kind, then the table, the predictions and the floors."""
+    """python -m bench.step_time --memory=True: one fresh process per kind, then the table, the
+    predictions and the floors."""
     B, P, R = (config[k] if k in overridden else d for k, d in zip(("batch_size", "prompt_len", "response_len"),
                                                                     BATCH))
     shape = dict(shape, block_size=max(shape["block_size"], P + R - 1))

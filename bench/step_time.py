@@ -12,15 +12,17 @@ faster DPO configurations buy? Times, after warm-up, kinds of optimizer step on 
   <kind>_chunked      each of the above with --logprobs=chunked (logprobs.py): the LM head only at the response
                       positions, log-probs a chunk of logit rows at a time, with --grad_checkpoint's checkpointing
 
-and the peak memory of one step of each kind after a warm-up step: on CUDA max_memory_allocated, reset before the
-step; on a CPU the peak RSS of a fresh process running that kind alone, its peak mark reset before (measure.py);
-and generation: the B prompts continued greedily by response_len - 1 tokens with model.generate, with its KV cache
-and without, the outputs checked equal.
+and the peak memory of one step of each kind after a warm-up step: on CUDA max_memory_allocated,
+reset before the step; on a CPU the peak RSS of a fresh process running that kind alone, its peak
+mark reset before (bench/measure.py); and generation: the B prompts continued greedily by
+response_len - 1 tokens with model.generate, with its KV cache and without, the outputs checked
+equal.
 
-Every step is what dpo.py / sft.py run: model.GPT, optim.configure_optimizer (AdamW), losses.dpo_loss /
-losses.sft_loss, data.collate_pairs / data.collate_prefix_shared, gradient clipping at 1.0. Batches are collated
-and moved to the device before timing (collation is timed on its own: collate_ms). The kinds take turns step by
-step; ms/step is the median over the timed steps.
+Every step is what dpo.py / sft.py run: model.GPT, nanopo.runtime.configure_optimizer (AdamW),
+losses.dpo_loss / losses.sft_loss, data.collate_pairs / data.collate_prefix_shared, gradient
+clipping at 1.0. Batches are collated and moved to the device before timing (collation is timed on
+its own: collate_ms). The kinds take turns step by step; ms/step is the median over the timed
+steps.
 
 FLOPs are counted as nanoGPT's estimate_mfu does: a token of fwd + bwd costs 6N + 12*L*H*Q*T (N = parameters
 without the position table, L layers, H heads, Q head size, T the row length), a forward-only token a third of
@@ -33,17 +35,19 @@ $ python -m bench.step_time --size=small --steps=20 --out=out/bench_small.json
 $ python -m bench.step_time --size=gpt2 --device=cuda --batch_size=8 --prompt_len=256 --response_len=256 --compile=True
 $ python -m bench.step_time --size=gpt2 --device=cpu --batch_size=8 --prompt_len=256 --response_len=256 --timing=False \
       --kinds=dpo_live,dpo_live_chunked,prefix_live_chunked --grad_checkpoint=selective   # peak memory only
-$ python -m bench.step_time --memory=True --size=gpt2   # peak memory: full vs LoRA, +/- activation checkpointing (bench_memory)
+$ python -m bench.step_time --memory=True --size=gpt2   # bench/memory.py: LoRA, checkpointing
 
-Memory allocator (CPU): glibc's malloc serves blocks above its mmap threshold (128 KiB, rising to at most 32 MiB)
-with mmap and returns freed memory above its trim threshold, so a step's large activations are page-faulted in
-afresh (zero-filled) every step. MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ at 4 GiB keep them in the heap
-(glibc 2.36 accepts 4 GiB; a small-size fwd + bwd drops from ~13,000 to ~3,000 minor page faults, 0 once warm).
-When neither is set, bench.py re-executes itself once with both, so numbers do not depend on the caller's shell;
-set either yourself (any value) to opt out.
+Memory allocator (CPU): glibc's malloc serves blocks above its mmap threshold (128 KiB, rising to
+at most 32 MiB) with mmap and returns freed memory above its trim threshold, so a step's large
+activations are page-faulted in afresh (zero-filled) every step. MALLOC_MMAP_THRESHOLD_ and
+MALLOC_TRIM_THRESHOLD_ at 4 GiB keep them in the heap (glibc 2.36 accepts 4 GiB; a small-size
+fwd + bwd drops from ~13,000 to ~3,000 minor page faults, 0 once warm). When neither is set,
+bench/step_time.py re-executes itself once with both, so numbers do not depend on the caller's
+shell; set either yourself (any value) to opt out.
 
-OpenMP threads: as in sft.py and dpo.py, GOMP_SPINCOUNT=1000 unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set
-(bench_threads.py and the README's "CPU threads" say why), so the steps timed here run as training runs them.
+OpenMP threads: as in sft.py and dpo.py, GOMP_SPINCOUNT=1000 unless OMP_WAIT_POLICY or
+GOMP_SPINCOUNT is set (bench/threads.py and docs/scale_and_speed.md, "CPU threads", say why), so
+the steps timed here run as training runs them.
 """
 
 import os
@@ -95,9 +99,9 @@ grad_checkpoint = False   # the *_chunked kinds: True (whole blocks) or 'selecti
 kinds = ""                # comma-separated step kinds to run ('' = all of KINDS; timing needs sft and dpo_live)
 timing = True             # False: only the peak memory per kind (no timing, generation or targets)
 peak_memory = True        # the peak memory of a step of each kind (CUDA: in this run; CPU: a fresh process per kind)
-peak_memory_kind = ""     # (set by bench.py itself: the kind a fresh process measures the peak memory of)
+peak_memory_kind = ""     # (set by this script: the kind a fresh process measures the peak of)
 out = "out/bench.json"    # '' = print only
-memory = False            # True: the memory benchmark instead (bench_memory.py: full vs LoRA, +/- checkpointing)
+memory = False            # True: bench/memory.py instead (full vs LoRA, +/- checkpointing)
 lora_rank = 8             # memory benchmark: the adapters' rank
 logprobs = "plain"        # memory benchmark: the log-prob path, 'plain' or 'chunked' (logprob_chunk rows at a time)
 # -----------------------------------------------------------------------------------------------------------
@@ -125,7 +129,7 @@ n_layer, n_head, n_embd, vocab_size, block_size, B0, P0, R0 = SIZES[size]
 B, P, R = batch_size or B0, prompt_len or P0, response_len or R0
 if B < 1 or P < 1 or R < 1:
     sys.exit("error: batch_size, prompt_len and response_len must be positive")
-if memory:  # one live DPO step's peak memory and time per pair, each kind in a fresh process (bench_memory.py)
+if memory:  # bench/memory.py: a DPO step's peak memory and time per pair, a fresh process per kind
     from bench import memory as memory_bench
     memory_bench.main(config, dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size,
                                    block_size=block_size), overridden)
@@ -197,21 +201,21 @@ ref_model = torch.compile(reference, dynamic=False) if compile else reference
 
 def plain_logps(model, batch):
     """The concatenated forward, as dpo.py runs it -> (chosen_logps, rejected_logps), each (B,)."""
-    logits, _ = model(batch["idx"])
+    logits = model(batch["idx"])
     logps, _ = summed_logps(token_logps(logits, batch["targets"]), batch["mask"])
     return logps[:B], logps[B:]
 
 
 def packed_logps(model, batch):
-    logits, _ = model(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"])
+    logits = model(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"])
     return packed_row_logps(logits, batch)[:2]
 
 
 def chunked_logps(model, batch):
     """The chunked path, as dpo.py runs it with --logprobs=chunked, on a batch from scored_columns (plain rows or
     packed ones) -> (chosen_logps, rejected_logps), or the summed log-probs and token counts of SFT's rows."""
-    per_token, _ = model(batch["idx"], pos=batch.get("pos"), attn_mask=batch.get("attn_mask"),
-                         score=(batch["cols"], batch["targets"]), chunk=logprob_chunk)  # (rows, K)
+    per_token = model(batch["idx"], pos=batch.get("pos"), attn_mask=batch.get("attn_mask"),
+                      score=(batch["cols"], batch["targets"]), chunk=logprob_chunk)  # (rows, K)
     if "mask" not in batch:
         return summed_logps(per_token, batch["chosen_mask"])[0], summed_logps(per_token, batch["rejected_mask"])[0]
     logps, n_tokens = summed_logps(per_token, batch["mask"])
@@ -229,7 +233,7 @@ for batch in (plain_batch, packed_batch, plain_cols, packed_cols):
 def sft_step_loss(batch):
     if "cols" in batch:  # sft_chunked
         return sft_loss(*chunked_logps(train_model, batch))
-    logits, _ = train_model(batch["idx"])
+    logits = train_model(batch["idx"])
     logps, n_tokens = summed_logps(token_logps(logits, batch["targets"]), batch["mask"])
     return sft_loss(logps, n_tokens)
 

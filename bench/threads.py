@@ -12,8 +12,8 @@ late, and the others burn their cores spinning until it catches up. OMP_WAIT_POL
 sleep at once, a short GOMP_SPINCOUNT makes them sleep soon (sft.py and dpo.py set 1000 unless you set either);
 fewer threads (torch.set_num_threads, --threads) leave a core free.
 
-$ python bench_threads.py                  # every setting, idle and busy (~8 minutes on 2 cores)
-$ python bench_threads.py --iters=50 --repeats=1
+$ python -m bench.threads                  # every setting, idle and busy (~8 minutes on 2 cores)
+$ python -m bench.threads --iters=50 --repeats=1
 """
 
 import os

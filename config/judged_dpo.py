@@ -1,4 +1,4 @@
-# Judged pairs (README "Judged pairs and online rounds"): no answer is ever shown, only a hidden judge's verdicts
+# Judged pairs (docs/judged_pairs.md): no answer is ever shown, only a hidden judge's verdicts
 # on two of the SFT model's own samples. Four samples per prompt at temperature 1.5 (diverse enough that most
 # prompts give two distinct answers, and noisy: a quarter of the judge's chosen answers are wrong), judged by
 # -log(1 + |error|) with Bradley-Terry noise tau = 0.5.

@@ -1,7 +1,10 @@
 """
 Checkpoints: written atomically, read strictly, and everything a run needs to continue exactly (optimizer,
-GradScaler, data position, every RNG of every rank). Also where dpo.py's policy comes from: the SFT checkpoint,
-the run being resumed, or fresh weights (dpo_start).
+GradScaler, data position, every RNG of every rank). Also where a run's models come from: the policy (the SFT
+checkpoint, the run being resumed, or fresh weights: sft_start, dpo_start) and, besides dpo.py's frozen deep
+copy, the other references: one loaded from a checkpoint of its own (load_reference, online rounds), LoRA's
+policy with its adapters switched off (AdaptersOff, from lora.py), and a reference that moves towards the
+policy during training (ReferenceSync, TR-DPO), whose weights the checkpoints carry once it has moved.
 """
 
 import glob
@@ -18,7 +21,7 @@ import torch.distributed as dist
 import configurator
 from data import Tokenizer
 from configurator import UserError
-from nanopo.lora import apply_lora, lora_settings, merge_lora
+from nanopo.lora import AdaptersOff, apply_lora, lora_settings, merge_lora  # noqa: F401 (AdaptersOff: dpo.py)
 from model import GPT, GPTConfig
 from nanopo.runtime import SINGLE_PROCESS_CPU, unwrap
 
@@ -123,7 +126,7 @@ def load_state_strict(model, state_dict, path="checkpoint"):
 def model_from_checkpoint(ckpt, path="checkpoint", **overrides):
     """Build a GPT of the checkpoint's shape (with e.g. dropout overridden) and load its weights strictly. The
     LoRA adapters of a checkpoint that has them are merged into the base weights: a plain GPT comes back (for
-    sample.py, export_hf.py, and dpo.py starting from a LoRA SFT run)."""
+    sample.py, scripts/export_hf.py, and dpo.py starting from a LoRA SFT run)."""
     args = dict(ckpt["model_args"], **overrides)
     try:
         model = GPT(GPTConfig(**args))
@@ -263,7 +266,7 @@ class Start:
     tokenizer: str
     task: dict            # the embedded task's settings, AdditionTask(**task) (those the policy was trained on)
     sft_ckpt: str         # the SFT checkpoint the reference is a copy of; '' when there is none
-    run: tuple = None     # (path, contents) of the run being resumed, or None
+    run_to_resume: tuple = None  # (path, contents) of the run being resumed, or None
     sft_accuracy: float = None  # the SFT checkpoint's held-out task_accuracy, for the summary line
 
 
@@ -321,7 +324,7 @@ def dpo_start(config, needs_reference):
     return Start(policy, config["tokenizer"], task_settings(config), "", run, None)
 
 
-def reference_from(path, start, device):
+def load_reference(path, start, device):
     """A frozen reference loaded from its own checkpoint (online rounds whose reference stays the SFT model while
     the policy starts from the previous round): the same tokenizer and shape as the policy, dropout off."""
     ckpt = load_checkpoint(path, tokenizer=start.tokenizer, missing_hint="--ref_ckpt names no checkpoint")
@@ -357,3 +360,66 @@ def sft_start(config):
         raise UserError(f"could not load GPT-2 weights '{init_from}' (pip install transformers; needs the hub or its "
                         f"cache): {type(e).__name__}: {str(e).strip().splitlines()[0][:160]}") from None
     return Start(model, tokenizer, {}, "")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# A reference that moves towards the policy during training (TR-DPO, --ref_sync_steps / --ref_mixup_alpha)
+
+@torch.no_grad()
+def mix_into(reference, policy, alpha):
+    """reference <- alpha * policy + (1 - alpha) * reference, parameter by parameter, in place (TR-DPO's soft
+    update). Under FSDP2 both models are sharded the same way (runtime.shard), so each rank mixes its own
+    shards (resharded first): the same arithmetic on the same numbers as mixing the full tensors, with no
+    communication. Under DDP every rank holds the same two models and mixes them identically."""
+    for model in (reference, policy):  # FSDP2 leaves the root's parameters gathered after a forward: shard them
+        for module in unwrap(model).modules():
+            if hasattr(module, "reshard"):  # an FSDP2-sharded module
+                module.reshard()
+    own = dict(unwrap(policy).named_parameters())
+    for name, ref in unwrap(reference).named_parameters():
+        pol = own[name]
+        ref_local, pol_local = (ref.to_local(), pol.to_local()) if hasattr(ref, "to_local") else (ref, pol)
+        ref_local.mul_(1 - alpha).add_(pol_local.detach(), alpha=alpha)
+
+
+class ReferenceSync:
+    """TR-DPO ("Learn Your Reference Model for Real Good Alignment", Gorbatovski et al. 2024, arXiv:2404.09656;
+    TRL's sync_ref_model): every `steps` optimizer steps the reference becomes
+
+        reference <- alpha * policy + (1 - alpha) * reference         (alpha = 1: a hard copy of the policy)
+
+    so the KL anchor follows the policy instead of holding it near the SFT model for the whole run: the margins
+    are measured against a more recent model, and pairs the policy has already separated count again. steps = 0
+    switches it off (every method is then a no-op). A reference that has moved is part of the run's state: its
+    weights go into the checkpoint (gathered from the shards under FSDP), and a resumed run continues with them."""
+
+    def __init__(self, reference, policy, steps, alpha, rt):
+        self.reference, self.policy, self.steps, self.alpha, self.rt = reference, policy, steps, alpha, rt
+        self.syncs = 0
+
+    def after_step(self, it):
+        """Call after the optimizer step of iteration `it` (0-based): mixes when it + 1 steps are a multiple of
+        `steps`, as TRL mixes at every steps-th global step."""
+        if self.steps and (it + 1) % self.steps == 0:
+            mix_into(self.reference, self.policy, self.alpha)
+            self.syncs += 1
+
+    def state_dict(self):
+        """{'reference': its full weights, 'reference_syncs': n} once it has moved, else {}. Every rank must call
+        it (under FSDP gathering the shards is a collective)."""
+        if not self.syncs:
+            return {}
+        return {"reference": full_state_dict(self.reference, self.rt), "reference_syncs": self.syncs}
+
+    def load_state_dict(self, ckpt):
+        """Put a checkpoint's moved reference back (a checkpoint from before the first sync has none: the reference
+        is then still the SFT model it was built as)."""
+        if "reference" not in ckpt:
+            return
+        self.syncs = ckpt["reference_syncs"]
+        if self.rt.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            set_model_state_dict(unwrap(self.reference), ckpt["reference"],
+                                 options=StateDictOptions(full_state_dict=True))
+        else:
+            unwrap(self.reference).load_state_dict(ckpt["reference"], strict=True)

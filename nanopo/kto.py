@@ -69,16 +69,18 @@ def mismatched(seqs, block_size):
             for i, j in enumerate(kto_mismatched_indices(len(seqs)))]
 
 
-def batch_loss(policy_model, reference_model, rows, layout, rt, beta, desirable_weight=1.0, undesirable_weight=1.0):
-    """KTO on a micro-batch of examples [(prompt_ids, completion_ids, desirable)]. layout: the keyword arguments
-    of logprobs.completion_logps (pad_id, block_size, device, multiple, logprobs, chunk). Returns (loss,
-    metrics): rewards of the desirable (logged as rewards/chosen) and undesirable (rewards/rejected) rows of the
-    micro-batch, their policy log-probs, and kl, the reference point."""
+def batch_loss(policy_model, reference_model, rows, beta, desirable_weight, undesirable_weight, rt,
+               pad_id, block_size, multiple=1, logprobs="plain", chunk=1024):
+    """KTO on a micro-batch of examples [(prompt_ids, completion_ids, desirable)]. pad_id, block_size,
+    multiple, logprobs, chunk: as logprobs.completion_logps takes them. Returns (loss, metrics): rewards of
+    the desirable (logged as rewards/chosen) and undesirable (rewards/rejected) rows of the micro-batch, their
+    policy log-probs, and kl, the reference point."""
     seqs = [(p, y) for p, y, _ in rows]
-    kl_seqs = mismatched(seqs, layout["block_size"])
+    kl_seqs = mismatched(seqs, block_size)
 
-    def logps(model, seqs):  # (B,) summed log-probs
-        return completion_logps(model, seqs, **layout)[0]
+    def logps(model, seqs):
+        """(B,) summed log-probs of the completions."""
+        return completion_logps(model, seqs, pad_id, block_size, rt.device, multiple, logprobs, chunk)[0]
 
     desirable = torch.tensor([label for _, _, label in rows], device=rt.device)  # (B,) bool
     policy_logps = logps(policy_model, seqs)  # (B,), with gradients

@@ -5,7 +5,8 @@ DPO's reference is the policy itself without them), and merging them into the ba
     apply_lora      freeze a GPT and put a LoRALinear on the chosen Linear layers of every block
     adapters_off    a context manager: inside it the model computes its base weights alone
     AdaptersOff     the model with its adapters off, as a callable: dpo.py's reference under --lora_rank
-    merge_lora      W <- W + (alpha / r) B A, and plain nn.Linear layers again (sample.py, export_hf.py, DPO)
+    merge_lora      W <- W + (alpha / r) B A, and plain nn.Linear layers again (sample.py,
+                    scripts/export_hf.py, DPO)
     lora_settings   what a checkpoint records to rebuild the adapters
 """
 
@@ -126,8 +127,9 @@ class AdaptersOff:
 @torch.no_grad()
 def merge_lora(model):
     """Fold each adapter into its base weight, W <- W + (alpha / r) B A, and put the plain nn.Linear back: a
-    GPT with the standard parameter names again (for sample.py, export_hf.py, or as the next stage's base),
-    every parameter trainable as in a freshly loaded model. In place; returns the model."""
+    GPT with the standard parameter names again (for sample.py, scripts/export_hf.py, or as the next
+    stage's base), every parameter trainable as in a freshly loaded model. In place; returns the
+    model."""
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
             m.weight += (m.lora_B @ m.lora_A) * m.scaling

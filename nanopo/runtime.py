@@ -127,6 +127,45 @@ def cleanup(rt):
         os._exit(0)
 
 
+class RunningMean:
+    """The mean of every value seen so far, over all ranks: BCO's reward shift delta (Jung et al. 2024 keep
+    it as a running average of the rewards; dpo.py's compute_loss updates it). Under DDP / FSDP the ranks'
+    sums and counts are added first, so every rank holds the same mean. Kept in Python floats (float64) and
+    saved in checkpoints under `name`, so a resumed run continues it."""
+
+    def __init__(self, name):
+        self.name = name
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, values, rt=None):
+        """Add a batch of values (summed over all ranks) to the running mean."""
+        count = torch.tensor(float(values.numel()), dtype=torch.float64, device=values.device)
+        totals = torch.stack([values.detach().double().sum(), count])
+        if rt is not None:
+            totals = all_reduce_sum(totals, rt)
+        self.total += totals[0].item()
+        self.count += int(totals[1].item())
+
+    @property
+    def mean(self):
+        if self.count == 0:
+            return 0.0
+        return self.total / self.count
+
+    def state_dict(self):
+        """{name: its sums} for a checkpoint, or {} while nothing has been seen."""
+        if self.count == 0:
+            return {}
+        return {self.name: {"total": self.total, "count": self.count}}
+
+    def load_state_dict(self, ckpt):
+        """Continue from a checkpoint's sums, when it has them."""
+        if self.name in ckpt:
+            self.total = ckpt[self.name]["total"]
+            self.count = ckpt[self.name]["count"]
+
+
 # -----------------------------------------------------------------------------------------------------------
 # A step's rows over ranks and micro-batches
 

@@ -1,10 +1,12 @@
 """
 What the notebooks share (they run from the repo root, with it and notebooks/ on sys.path): the short SFT
 checkpoint they all start from, running sft.py / dpo.py as real subprocesses (a few at a time), loading a
-checkpoint, best-of-N sampling, and (from evaluation.py) the Monte-Carlo estimate of KL(policy || reference).
+checkpoint, best-of-N sampling, (from nanopo/tasks.py) the Monte-Carlo estimate of KL(policy || reference),
+and the comparison of two measured accuracies that the notebooks' computed sentences use.
 The notebooks print every command they run, so each run can be repeated from a shell.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nanopo.evaluation import sampled_kl  # noqa: F401  (the notebooks call nbutil.sampled_kl)
+from nanopo.tasks import sampled_kl  # noqa: F401  (the notebooks call nbutil.sampled_kl)
 
 # where the notebooks' runs go; the tests point it at a temporary folder
 OUT = os.environ.get("NANOPO_NOTEBOOK_OUT", "out/notebooks")
@@ -42,7 +44,7 @@ def _env():
 
 def ensure_sft(args=None, out_dir=SFT_DIR):
     """Run an SFT (by default the short one notebooks 03 and 04 share) into out_dir unless a checkpoint made with
-    the same settings is already there (the first notebook to ask pays for it: ~30-45 s on a 2-core CPU).
+    the same settings is already there (the first notebook to ask pays for it: about a minute on a 2-core CPU).
     Returns the checkpoint's path."""
     from nanopo.checkpoint import load_checkpoint
     from configurator import UserError
@@ -118,6 +120,17 @@ def best_of_n(model, task, tok, ns, n_prompts=500, max_new_tokens=8, seed=0):
                       sum(task.is_correct(t, y) for t, y in zip(texts, best)) / len(texts))
     return results
 
+
+
+def versus(a, b, n):
+    """How accuracy a compares with accuracy b, both measured on n problems: 'above', 'below', or 'level with'
+    when they differ by less than two standard errors of the difference (binomial noise: n problems decide
+    an accuracy only to about 1/sqrt(n)). For the notebooks' sentences, so that a word like 'better' is
+    computed from the numbers, never typed next to them."""
+    stderr = math.sqrt((a * (1 - a) + b * (1 - b)) / n)
+    if abs(a - b) <= 2 * stderr:
+        return "level with"
+    return "above" if a > b else "below"
 
 
 def load_model(path):

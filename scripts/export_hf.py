@@ -70,7 +70,8 @@ def export(ckpt_path, out_dir):
     hf.save_pretrained(out_dir)  # writes model.safetensors + config.json (safetensors is the default)
     with open(os.path.join(out_dir, "README.md"), "w") as f:
         f.write(f"# GPT-2-layout model exported from {ckpt_path}\n\n"
-                f"Tokenizer: '{ckpt['tokenizer']}' (see export_hf.py). Load it with:\n\n"
+                f"Tokenizer: '{ckpt['tokenizer']}' (see nanoPO's scripts/export_hf.py). "
+                "Load it with:\n\n"
                 f"    from transformers import GPT2LMHeadModel\n"
                 f"    model = GPT2LMHeadModel.from_pretrained({out_dir!r})\n")
     return hf
@@ -83,6 +84,7 @@ if __name__ == "__main__":
     try:
         import transformers  # noqa: F401
     except ImportError:
-        raise UserError("export_hf.py needs transformers: pip install transformers") from None
+        raise UserError("python -m scripts.export_hf needs transformers: "
+                        "pip install transformers") from None
     export(sys.argv[1], sys.argv[2])
     print(f"wrote {sys.argv[2]} (load with transformers.GPT2LMHeadModel.from_pretrained)")

@@ -7,7 +7,7 @@ the round's starting policy, the previous round's result (--reference=previous, 
 
 At the end it prints the final policy's point of the reward-KL frontier: the mean true reward (and accuracy) of
 its samples at temperature 1 on held-out prompts, and KL(policy || SFT model) estimated from the same samples.
-Greedy accuracy alone hides what rounds do to the policy's distribution (README "Judged pairs and online rounds").
+Greedy accuracy alone hides what rounds do to the policy's distribution (docs/judged_pairs.md).
 
 The budget is the offline run's: n_pairs judged pairs and max_iters optimizer steps in all, split evenly over
 the rounds, so `--rounds=1` is the offline baseline at the same cost.
@@ -31,7 +31,7 @@ from nanopo.checkpoint import load_checkpoint, model_from_checkpoint, task_setti
 from configurator import apply_overrides
 from data import Tokenizer
 from configurator import UserError, install_error_handler
-from nanopo.evaluation import sampled_kl
+from nanopo.tasks import sampled_kl
 from nanopo.tasks import AdditionTask
 
 install_error_handler()

@@ -96,7 +96,8 @@ def plot_runs(runs, out_dir, prefix="", figures=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Plot runs' metrics.jsonl as PNGs.")
+    parser = argparse.ArgumentParser(prog="python -m scripts.plot",
+                                     description="Plot runs' metrics.jsonl as PNGs.")
     parser.add_argument("runs", nargs="+", help="run folders, each holding a metrics.jsonl")
     parser.add_argument("--out", help="folder for the PNGs (default: the run's folder for one run, "
                                       "out/plots for several)")

@@ -15,7 +15,6 @@ import torch
 
 from nanopo import checkpoint
 import configurator
-from nanopo import runtime as optim
 from nanopo import runtime
 from configurator import apply_overrides
 from data import BatchOrder, encode_pair_rows, encode_sft_rows
@@ -63,7 +62,7 @@ SCRIPT_CASES = [
      "completions across each batch"),
     ("simpo_reference_free", "dpo.py", ["--loss_type=simpo", "--reference_free=True"],
      "reference_free applies to dpo, dpo_norm, ipo, hinge, robust, exo, discopop and aot, not 'simpo'"),
-    # the loss family's options (objectives.LOSS_OPTIONS); more of them in-process below
+    # the loss family's options (losses.LOSS_OPTIONS); more of them in-process below
     ("trl_loss_name", "dpo.py", ["--loss_type=sigmoid"], "unknown loss_type 'sigmoid' (TRL's 'sigmoid' is our 'dpo')"),
     ("loss_weights_do_not_fit", "dpo.py", ["--loss_type=dpo+bco+sft", "--loss_weights=0.8,0.2"],
      "loss_weights='0.8,0.2' has 2 weight(s) for the 3 loss(es) of 'dpo+bco+sft'"),
@@ -81,7 +80,7 @@ SCRIPT_CASES = [
 def write_training_checkpoint(out_dir, **model_kw):
     """A checkpoint with everything resume needs, as sft.py would write it for a TINY model."""
     model = GPT(GPTConfig(**dict(TINY, **model_kw)))
-    optimizer = optim.configure_optimizer(model, 0.1, 1e-3, (0.9, 0.99), "cpu")
+    optimizer = runtime.configure_optimizer(model, 0.1, 1e-3, (0.9, 0.99), "cpu")
     checkpoint.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), model, dict(TASK_CONFIG, out_dir=str(out_dir)),
                            "byte", iter_num=1, optimizer=optimizer.state_dict(),
                            data_order=BatchOrder(10, 1).state_dict(), rng=checkpoint.rng_state())
@@ -215,13 +214,13 @@ def dpo_config(*argv):
     (["--loss_type=sft", "--use_weighting=True"], "use_weighting applies to every loss but"),
 ], ids=lambda v: "_".join(a.split("=")[0].lstrip("-") for a in v) if isinstance(v, list) else None)
 def test_loss_options_that_do_not_apply(argv, match):
-    from nanopo.objectives import check_loss_options
+    from losses import check_loss_options
     one_line_error(check_loss_options, dpo_config(*argv), match=match)
 
 
 def test_loss_options_that_apply_pass():
     """The control: the same options where they apply raise nothing."""
-    from nanopo.objectives import check_loss_options
+    from losses import check_loss_options
     for argv in (["--loss_type=dpo+bco+sft", "--loss_weights=0.8,0.2,1.0", "--label_smoothing=0.1"],
                  ["--loss_type=discopop", "--discopop_tau=0.1", "--use_weighting=True", "--ld_alpha=0.5"],
                  ["--f_divergence_type=alpha", "--f_alpha_divergence_coef=0.3", "--ref_sync_steps=5",

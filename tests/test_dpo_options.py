@@ -158,7 +158,7 @@ def test_tr_dpo_moves_the_reference_every_n_steps(repo_root, sft_ckpt, tmp_path)
     reference, policy = g["reference"].state_dict(), g["policy"].state_dict()
     assert all(not torch.equal(reference[k], sft[k]) and not torch.equal(reference[k], policy[k]) for k in
                ("lm_head.weight", "transformer.h.0.mlp.c_fc.weight"))
-    assert g["sync"].syncs == 3  # after steps 2, 4 and 6
+    assert g["reference_sync"].syncs == 3  # after steps 2, 4 and 6
     assert not any(p.requires_grad for p in g["reference"].parameters())
     del plain
 

@@ -1,6 +1,7 @@
-"""GPT-2 weights in (GPT.from_hf_gpt2) and out (export_hf.py). transformers' GPT2LMHeadModel is an independent
-implementation of the same network, so equal logits check the weight mapping (names, Conv1D transposes, tying)
-and the architecture details (tanh-GELU, LayerNorm eps, attention scaling) at once."""
+"""GPT-2 weights in (GPT.from_hf_gpt2) and out (scripts/export_hf.py). transformers'
+GPT2LMHeadModel is an independent implementation of the same network, so equal logits check the
+weight mapping (names, Conv1D transposes, tying) and the architecture details (tanh-GELU, LayerNorm
+eps, attention scaling) at once."""
 
 import json
 import os
@@ -45,12 +46,12 @@ def test_from_hf_gpt2_gives_the_same_logits():
     idx = torch.randint(0, 100, (3, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = hf(input_ids=idx).logits
-        got, _ = ours(idx)
+        got = ours(idx)
         assert _max_diff(got, want) <= 1e-5
         # a cropped position table computes the same for sequences that fit it
         short = GPT.from_hf_gpt2(hf, block_size=8).eval()
         assert short.transformer.wpe.weight.shape == (8, 32)
-        assert _max_diff(short(idx[:, :8])[0], hf(input_ids=idx[:, :8]).logits) <= 1e-5
+        assert _max_diff(short(idx[:, :8]), hf(input_ids=idx[:, :8]).logits) <= 1e-5
 
 
 def test_from_hf_gpt2_rejects_another_architecture():
@@ -78,8 +79,8 @@ def test_export_then_reload_with_transformers(tmp_path, bias):
     hf = transformers.GPT2LMHeadModel.from_pretrained(out_dir).eval()
     idx = torch.randint(0, 258, (2, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        want, _ = ours(idx)
+        want = ours(idx)
         assert _max_diff(hf(input_ids=idx).logits, want) <= 1e-5
         # and back again, loading the folder by path
         back = GPT.from_hf_gpt2(out_dir).eval()
-        assert _max_diff(back(idx)[0], want) <= 1e-5
+        assert _max_diff(back(idx), want) <= 1e-5

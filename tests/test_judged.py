@@ -1,7 +1,8 @@
-"""Judged pairs (dpo.py --pairs=judged) and online rounds (online_dpo.py): the hidden judge's verdicts follow
-Bradley-Terry, ties and empty answers are handled and counted, the trainer's rows hold no reference answer,
-KTO gets thumbs up/down, ranks build the same pairs under torchrun, rounds resume between and within, and the
-frontier point online_dpo.py ends on (sampled reward, KL to the SFT model) matches exact sums."""
+"""Judged pairs (dpo.py --pairs=judged) and online rounds (scripts/online_dpo.py): the hidden
+judge's verdicts follow Bradley-Terry, ties and empty answers are handled and counted, the
+trainer's rows hold no reference answer, KTO gets thumbs up/down, ranks build the same pairs under
+torchrun, rounds resume between and within, and the frontier point scripts/online_dpo.py ends on
+(sampled reward, KL to the SFT model) matches exact sums."""
 
 import json
 import math
@@ -206,11 +207,12 @@ def test_online_rounds_their_reference_and_resume(sft_ckpt, repo_root, script_en
 
 
 def test_sampled_kl_and_reward_match_exact_sums(tiny_config):
-    """evaluation.sampled_kl (online_dpo.py's and the notebooks' frontier point) against enumeration: with
-    max_new_tokens=1 every sample is one token (EOS: the empty answer), so the expected log-ratio is the exact
-    KL(p || q) = sum_v p(v) log(p(v) / q(v)) and the expected reward sum_v p(v) r(v), both summed in float64 over
-    the two models' next-token distributions. 4,000 samples of one prompt must land within 4 standard errors."""
-    from nanopo.evaluation import sampled_kl
+    """tasks.sampled_kl (scripts/online_dpo.py's and the notebooks' frontier point) against
+    enumeration: with max_new_tokens=1 every sample is one token (EOS: the empty answer), so the
+    expected log-ratio is the exact KL(p || q) = sum_v p(v) log(p(v) / q(v)) and the expected reward
+    sum_v p(v) r(v), both summed in float64 over the two models' next-token distributions. 4,000
+    samples of one prompt must land within 4 standard errors."""
+    from nanopo.tasks import sampled_kl
     from model import GPT
     torch.manual_seed(0)
     policy, reference = GPT(tiny_config).double().eval(), GPT(tiny_config).double().eval()
@@ -220,7 +222,7 @@ def test_sampled_kl_and_reward_match_exact_sums(tiny_config):
     task.eval_problems = [(3, 4)] * 4000
     with torch.no_grad():
         x = torch.tensor([tok.encode("3+4=")])
-        logp, logq = (m(x)[0][0, -1].log_softmax(-1) for m in (policy, reference))  # (V,) each
+        logp, logq = (m(x)[0, -1].log_softmax(-1) for m in (policy, reference))  # (V,) each
     p = logp.exp()
     answers = ["" if v == tok.eos_id else tok.decode([v]) for v in range(tiny_config.vocab_size)]
     rewards = torch.tensor([task.reward("3+4=", y) for y in answers], dtype=torch.float64)

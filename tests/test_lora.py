@@ -60,9 +60,9 @@ def idx(seed=5):
 # ---------------------------------------------------------------- LoRA in one process
 
 def test_lora_at_step_zero_is_the_base_model(tiny_model, tiny_config):
-    before = tiny_model(idx())[0]
+    before = tiny_model(idx())
     apply_lora(tiny_model, rank=4, alpha=8.0)
-    assert torch.equal(tiny_model(idx())[0], before)  # B = 0: exactly the base model, not just close
+    assert torch.equal(tiny_model(idx()), before)  # B = 0: exactly the base model, not just close
     trained = {n: p for n, p in tiny_model.named_parameters() if p.requires_grad}
     # only the adapters train: r * (in + out) numbers per adapted layer, counted here by hand
     C, r, L = tiny_config.n_embd, 4, tiny_config.n_layer
@@ -140,10 +140,10 @@ def test_a_step_changes_the_adapters_and_nothing_else(tiny_model):
 def test_merge_gives_the_adapter_models_logits(tiny_model, tiny_config):
     policy = randomise_adapters(apply_lora(tiny_model, rank=4, alpha=8.0))
     with torch.no_grad():
-        adapter_logits = policy(idx())[0]
+        adapter_logits = policy(idx())
         base_logits = GPT(tiny_config).eval().requires_grad_(False)
         base_logits.load_state_dict({k: v for k, v in policy.state_dict().items() if "lora_" not in k})
-        base_logits = base_logits(idx())[0]
+        base_logits = base_logits(idx())
         layer = policy.transformer.h[1].attn.c_proj
         expected_w = layer.weight.double() + 2.0 * layer.lora_B.double() @ layer.lora_A.double()  # float64, by hand
     merged = merge_lora(copy.deepcopy(policy)).eval()
@@ -152,7 +152,7 @@ def test_merge_gives_the_adapter_models_logits(tiny_model, tiny_config):
     assert all(p.requires_grad for p in merged.parameters())
     torch.testing.assert_close(merged.transformer.h[1].attn.c_proj.weight.double(), expected_w, rtol=0, atol=1e-6)
     with torch.no_grad():
-        merged_logits = merged(idx())[0]
+        merged_logits = merged(idx())
     assert (merged_logits - adapter_logits).abs().max() <= 1e-5
     assert (base_logits - adapter_logits).abs().max() > 1e-2  # the adapters matter: the comparison can fail
 
@@ -164,11 +164,12 @@ def test_a_lora_checkpoint_loads_merged_and_exports(tmp_path, tiny_model):
     ckpt = checkpoint.load_checkpoint(path)
     assert ckpt["lora"] == {"rank": 4, "alpha": 8.0, "targets": "attn.c_attn,mlp.c_proj"}
     assert any(k.endswith("lora_A") for k in ckpt["model"])  # saved as it trains: base and adapters apart
-    loaded = checkpoint.model_from_checkpoint(ckpt, path).eval()  # what sample.py and export_hf.py get
+    # what sample.py and scripts/export_hf.py get
+    loaded = checkpoint.model_from_checkpoint(ckpt, path).eval()
     assert not any(isinstance(m, LoRALinear) for m in loaded.modules())
     with torch.no_grad():
-        expected = policy(idx())[0]
-        assert (loaded(idx())[0] - expected).abs().max() <= 1e-5
+        expected = policy(idx())
+        assert (loaded(idx()) - expected).abs().max() <= 1e-5
     transformers = pytest.importorskip("transformers")  # noqa: F841
     from scripts.export_hf import export
     hf = export(path, str(tmp_path / "hf"))
@@ -197,8 +198,9 @@ def test_flops_count_frozen_weights_at_four_per_token(tiny_model, tiny_config):
 
 
 def test_the_memory_benchmark_counts_what_the_model_holds(tiny_model, tiny_config):
-    """bench_memory.py predicts memory from parameter counts: its adapter count is the model's, and its parts
-    add up as the docstring says (20 bytes per parameter for full fine-tuning with a copied reference)."""
+    """bench/memory.py predicts memory from parameter counts: its adapter count is the model's, and
+    its parts add up as the docstring says (20 bytes per parameter for full fine-tuning with a
+    copied reference)."""
     from bench import memory as bench_memory
     apply_lora(tiny_model, rank=4, alpha=8.0)
     counted = sum(p.numel() for p in tiny_model.parameters() if p.requires_grad)
@@ -275,7 +277,7 @@ def test_selective_checkpointing_recomputes_no_matmul(mask):
         policy = GPT(GPTConfig(block_size=32, vocab_size=258, n_layer=3, n_head=2, n_embd=32, dropout=0.1)).double()
         set_grad_checkpoint(policy, mode)
         torch.manual_seed(1)
-        logits, _ = policy(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"] if mask else None)
+        logits = policy(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"] if mask else None)
         loss = (logits.log_softmax(-1) * torch.randn(logits.shape, dtype=torch.float64)).sum()
         with OpCounter() as counter:
             loss.backward()
@@ -364,7 +366,7 @@ def test_lora_sft_checkpoint_feeds_dpo_merged(repo_root, tmp_path, script_env):
         g = run_script(repo_root, "dpo.py", DPO + ["--max_iters=1", f"--sft_ckpt={sft_path}",
                                                    f"--out_dir={tmp_path / name}", *extra])
         with torch.no_grad():  # the reference is the merged SFT model (LoRA: the policy, a step on, adapters off)
-            assert torch.equal(g["reference"](idx())[0], merged.eval()(idx())[0])
+            assert torch.equal(g["reference"](idx()), merged.eval()(idx()))
         assert losses(tmp_path / name)[0] == pytest.approx(math.log(2), abs=1e-6)
     proc = subprocess.run([sys.executable, "sample.py", f"--ckpt={tmp_path / 'lora' / 'ckpt.pt'}",
                            "--prompts=12+34=", "--max_new_tokens=4"], cwd=repo_root, env=script_env,

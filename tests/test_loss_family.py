@@ -1,7 +1,8 @@
-"""The rest of TRL's DPO family (losses.py), the f-divergences, the dispatch and weighted combinations
-(objectives.py), WPO and LD-DPO (logprobs.py) and TR-DPO's moving reference (reference.py). Every value is
-computed independently: by hand with the math module, in closed form, or from a plain per-row forward written
-here; gradients by float64 gradcheck."""
+"""The rest of TRL's DPO family (losses.py), the f-divergences, dpo.py's compute_loss (the --loss_type
+lookup, weighted combinations, RPO, WPO weights, BCO's running mean), WPO and LD-DPO (logprobs.py) and TR-DPO's
+moving reference (nanopo/checkpoint.py). Every value is computed independently: by hand with the math module,
+in closed form, or from a plain per-row forward written here; gradients by float64 gradcheck. compute_loss is
+the real one, taken from a dpo.py run (runpy), with the log-probs of a hand batch put in place of the model's."""
 
 import math
 
@@ -15,9 +16,10 @@ from logprobs import (average_logps, concatenated_logps, length_desensitized, pr
 from losses import (EXP_CAP, aot_loss, apo_down_loss, apo_zero_loss, bco_loss, capped_exp, discopop_loss, dpo_loss,
                     exo_loss, f_divergence, hinge_loss, ipo_loss, nca_loss, robust_loss, sppo_hard_loss)
 from model import GPT, GPTConfig
-from nanopo.objectives import Objective, RunningMean, preference_loss
-from nanopo.reference import ReferenceSync, mix_into
-from nanopo.runtime import SINGLE_PROCESS_CPU
+from nanopo import runtime
+from nanopo.checkpoint import ReferenceSync, mix_into
+from nanopo.runtime import SINGLE_PROCESS_CPU, RunningMean
+from test_dpo_options import SFT, run_script
 
 LN2 = math.log(2)
 E, PAD = 256, 257  # the byte tokenizer's EOS and padding ids
@@ -181,18 +183,27 @@ def test_capped_exp_is_exp_then_its_tangent():
     assert x.grad.tolist() == pytest.approx([math.exp(EXP_CAP - 1.0), cap, cap, cap])
 
 
+def f_divergence_dpo(pc, pr, rc, rr, beta, kind, coef, weights=None):
+    """DPO whose margin compares psi(log-ratio), composed by hand from losses.py's two functions."""
+    zero = torch.zeros_like(pc)
+    return dpo_loss(f_divergence(pc - rc, kind, coef), f_divergence(pr - rr, kind, coef), zero, zero, beta,
+                    weights=weights)
+
+
 @pytest.mark.parametrize("kind", ["forward_kl", "js", "alpha"])
-def test_f_divergence_in_the_dpo_loss_by_hand(kind):
-    """dpo with --f_divergence_type: -logsigmoid(beta (psi(c) - psi(r))), psi by hand; rewards stay beta * log-ratio."""
+def test_f_divergence_in_the_dpo_loss_by_hand(kind, compute_loss_for):
+    """dpo with --f_divergence_type: -logsigmoid(beta (psi(c) - psi(r))), psi by hand; rewards stay beta *
+    log-ratio (dpo.py's compute_loss)."""
     psi = {"forward_kl": lambda v: 1 - math.exp(-v), "js": lambda v: LN2 - softplus(-v),
            "alpha": lambda v: (1 - math.exp(-0.5 * v)) / 0.5}[kind]
-    loss, cr, rr, _ = preference_loss("dpo", PC, PR, RC, RR, t(2.0, 2.0), t(2.0, 2.0), BETA, f_divergence_type=kind)
+    compute_loss = compute_loss_for("dpo", f_divergence_type=kind)
+    loss, metrics = compute_loss(None, None, [None, None])
     assert loss.item() == pytest.approx(mean([softplus(-BETA * (psi(c) - psi(r))) for c, r in zip(C, R)]))
-    assert cr.tolist() == pytest.approx([BETA * c for c in C]) and rr.tolist() == pytest.approx([BETA * r for r in R])
+    assert metrics["rewards/chosen"].item() == pytest.approx(mean([BETA * c for c in C]))
+    assert metrics["rewards/rejected"].item() == pytest.approx(mean([BETA * r for r in R]))
     # at policy = reference every psi(0) = 0: still ln 2
     x = t(-3.0, -1.0)
-    assert preference_loss("dpo", x, x, x, x, t(1.0, 1.0), t(1.0, 1.0), BETA, f_divergence_type=kind)[0].item() == \
-        pytest.approx(LN2)
+    assert f_divergence_dpo(x, x, x, x, BETA, kind, 0.5)[0].item() == pytest.approx(LN2)
 
 
 # ---------------------------------------------------------------- gradients and numerical safety
@@ -211,8 +222,7 @@ def new_losses(weights=None):
         "apo_zero": lambda *a: apo_zero_loss(*a, 0.5, **w)[0], "apo_down": lambda *a: apo_down_loss(*a, 0.5, **w)[0],
         "discopop": lambda *a: discopop_loss(*a, 0.5, 0.05, **w)[0],
         "dpo_wpo": lambda *a: dpo_loss(*a, 0.5, **w)[0],
-        **{f"dpo_{k}": (lambda *a, k=k: preference_loss("dpo", *a, ONE, ONE, 0.5, f_divergence_type=k,
-                                                        f_alpha_divergence_coef=0.7, **w)[0])
+        **{f"dpo_{k}": (lambda *a, k=k: f_divergence_dpo(*a, 0.5, k, 0.7, **w)[0])
            for k in ("forward_kl", "js", "alpha")},
     }
 
@@ -254,20 +264,46 @@ def test_empty_responses_and_average_log_prob_zero_finite():
         assert torch.isfinite(out) and torch.isfinite(g).all(), name
 
 
-# ---------------------------------------------------------------- the dispatch, combinations, BCO's running mean
-
-def settings(loss_type, **kw):
-    return dict({"loss_type": loss_type, "beta": BETA, "label_smoothing": 0.0, "simpo_gamma": 0.5,
-                 "discopop_tau": 0.05, "f_divergence_type": "reverse_kl", "f_alpha_divergence_coef": 0.5,
-                 "rpo_alpha": 0.0, "bco_running_delta": False, "loss_weights": ""}, **kw)
-
+# ---------------------------------------------------------------- dpo.py's compute_loss: combinations, RPO, BCO
 
 NC, NR = t(2.0, 4.0), t(3.0, 1.0)  # token counts of the hand batch
+W = t(1.0, 0.5)  # WPO weights of the hand batch
 
 
-def test_combination_is_the_weighted_sum_with_every_term_named():
-    objective = Objective(settings("dpo+bco+sft", loss_weights="0.8,0.2,1.0"))
-    loss, metrics = objective(PC, PR, RC, RR, NC, NR)
+@pytest.fixture(scope="module")
+def sft_ckpt(tmp_path_factory, repo_root):
+    out = tmp_path_factory.mktemp("sft")
+    run_script(repo_root, "sft.py", SFT + ["--max_iters=20", "--eval_interval=20", "--n_eval=20", f"--out_dir={out}"])
+    return str(out / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def compute_loss_for(sft_ckpt, repo_root, tmp_path_factory):
+    """compute_loss_for(loss_type, **settings): dpo.py's own compute_loss after a run of 0 steps with those
+    settings (beta = BETA), whose log-prob functions are replaced by the hand batch: the policy's PC, PR (token
+    counts NC, NR, WPO weights W), the reference's RC, RR."""
+    def make(loss_type, **settings):
+        out = tmp_path_factory.mktemp("dpo")
+        args = [f"--loss_type={loss_type}", f"--beta={BETA}", "--max_iters=0", "--n_pairs=16", "--n_eval=10",
+                "--batch_size=8", f"--sft_ckpt={sft_ckpt}", f"--out_dir={out}"]
+        args += [f"--{k}={v}" for k, v in settings.items()]
+        compute_loss = run_script(repo_root, "dpo.py", args)["compute_loss"]
+        scope = compute_loss.__globals__  # the run's module globals, which compute_loss reads
+
+        def pair_logps(model, pairs, wpo=False):
+            if wpo:
+                return PC, PR, NC, NR, W
+            return PC, PR, NC, NR
+
+        scope["pair_logps"] = pair_logps
+        scope["reference_logps"] = lambda model, pairs, table_rows=None: (RC, RR)
+        return compute_loss
+    return make
+
+
+def test_combination_is_the_weighted_sum_with_every_term_named(compute_loss_for):
+    compute_loss = compute_loss_for("dpo+bco+sft", loss_weights="0.8,0.2,1.0", bco_running_delta=False)
+    loss, metrics = compute_loss(None, None, [None, None])
     dpo = mean([softplus(-BETA * h) for h in H])
     bco = mean([softplus(-BETA * c) + softplus(BETA * r) for c, r in zip(C, R)])
     sft = (1.0 + 6.0) / (2.0 + 4.0)  # -sum(pc) / sum(nc)
@@ -281,70 +317,75 @@ def test_combination_is_the_weighted_sum_with_every_term_named():
     assert metrics["rewards/accuracies"].item() == 0.5
     assert not any(k.startswith("sft/rewards") for k in metrics)
     # one term logs TRL's plain names only
-    _, single = Objective(settings("dpo"))(PC, PR, RC, RR, NC, NR)
-    assert set(single) == {"logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "rewards/margins",
-                           "rewards/accuracies"}
+    _, single = compute_loss_for("dpo")(None, None, [None, None])
+    assert set(single) == {"logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected",
+                           "rewards/margins", "rewards/accuracies"}
 
 
-def test_options_act_on_the_terms_they_apply_to():
+def test_options_act_on_the_terms_they_apply_to(compute_loss_for):
     """In dpo+nca, the f-divergence reshapes DPO's margin only; NCA keeps its own log-ratios."""
-    _, metrics = Objective(settings("dpo+nca", f_divergence_type="js"))(PC, PR, RC, RR, NC, NR)
+    _, metrics = compute_loss_for("dpo+nca", f_divergence_type="js")(None, None, [None, None])
     psi = lambda v: LN2 - softplus(-v)  # noqa: E731
     expected = mean([softplus(-BETA * (psi(c) - psi(r))) for c, r in zip(C, R)])
     assert metrics["dpo/loss"].item() == pytest.approx(expected)
     assert metrics["nca/loss"].item() == pytest.approx(HAND["nca"][1])
 
 
-def test_dpo_norm_is_dpo_on_average_log_probs():
-    loss, metrics = Objective(settings("dpo_norm"))(PC, PR, RC, RR, NC, NR)
+def test_dpo_norm_is_dpo_on_average_log_probs(compute_loss_for):
+    loss, metrics = compute_loss_for("dpo_norm")(None, None, [None, None])
     # h on averages: (pc/nc - rc/nc) - (pr/nr - rr/nr) = [1/2 - (-1/3), -1/4 - 1/2]
     hs = [0.5 + 1 / 3, -0.25 - 0.5]
     assert loss.item() == pytest.approx(mean([softplus(-BETA * h) for h in hs]))
     assert metrics["rewards/margins"].item() == pytest.approx(mean([BETA * h for h in hs]))
 
 
-def test_rpo_and_wpo_through_the_objective():
-    w = t(1.0, 0.5)
-    loss, metrics = Objective(settings("nca", rpo_alpha=0.5))(PC, PR, RC, RR, NC, NR, w)
+def test_rpo_and_wpo_in_compute_loss(compute_loss_for):
+    compute_loss = compute_loss_for("nca", rpo_alpha=0.5, use_weighting=True)
+    loss, metrics = compute_loss(None, None, [None, None])
     nca = mean([wi * (softplus(-BETA * c) + 0.5 * softplus(BETA * c) + 0.5 * softplus(BETA * r))
-                for wi, c, r in zip(w.tolist(), C, R)])
+                for wi, c, r in zip(W.tolist(), C, R)])
     assert loss.item() == pytest.approx(nca + 0.5 * 7.0 / 6.0)
     assert metrics["nll_loss"].item() == pytest.approx(7.0 / 6.0)
+    assert metrics["wpo_weight"].item() == pytest.approx(0.75)
 
 
-def test_bco_running_mean_moves_on_training_batches_only():
-    objective = Objective(settings("bco", bco_running_delta=True))
+def test_bco_running_mean_moves_on_training_batches_only(compute_loss_for):
+    compute_loss = compute_loss_for("bco")  # bco_running_delta=True, dpo.py's default
+    running = compute_loss.__globals__["bco_reward_mean"]
+    # the 0-step run evaluated no held-out rows through the loss (the embedded task has a verifier)
+    assert running.count == 0
     seen = [BETA * c for c in C] + [BETA * r for r in R]  # first batch's rewards: mean -0.125
-    loss, metrics = objective(PC, PR, RC, RR, NC, NR)
+    loss, metrics = compute_loss(None, None, [None, None])
     delta = mean(seen)
     assert metrics["delta"].item() == pytest.approx(delta)
     assert loss.item() == pytest.approx(mean([softplus(-(BETA * c - delta)) + softplus(BETA * r - delta)
                                               for c, r in zip(C, R)]))
-    shifted = [x + 1.0 for x in (PC, PR)]  # second batch: every reward + 0.5
-    objective(*shifted, RC, RR, NC, NR)
+    scope = compute_loss.__globals__
+    scope["pair_logps"] = lambda model, pairs, wpo=False: (PC + 1.0, PR + 1.0, NC, NR)
+    compute_loss(None, None, [None, None])  # second batch: every reward + 0.5
     seen += [s + 0.5 for s in seen]
-    assert objective.bco_mean.mean == pytest.approx(mean(seen))
+    assert running.mean == pytest.approx(mean(seen))
     with torch.no_grad():  # held-out evaluation reads the mean, never moves it
-        _, metrics = objective(PC + 5, PR, RC, RR, NC, NR)
-    assert metrics["delta"].item() == pytest.approx(mean(seen)) and objective.bco_mean.count == 8
-    # the checkpoint round trip
-    again = Objective(settings("bco", bco_running_delta=True))
-    again.load_state_dict(objective.state_dict())
-    assert (again.bco_mean.total, again.bco_mean.count) == (objective.bco_mean.total, 8)
-    assert Objective(settings("bco")).state_dict() == {}  # delta = 0: nothing to keep
+        _, metrics = compute_loss(None, None, [None, None])
+    assert metrics["delta"].item() == pytest.approx(mean(seen)) and running.count == 8
 
 
-def test_running_mean_adds_the_ranks_first():
+def test_running_mean_checkpoint_round_trip():
+    m = RunningMean("bco_running_delta")
+    assert m.state_dict() == {} and m.mean == 0.0  # nothing seen: nothing to keep
+    m.update(t(1.0, 2.0, 4.0))
+    again = RunningMean("bco_running_delta")
+    again.load_state_dict({"iter_num": 3, **m.state_dict()})
+    assert (again.total, again.count, again.mean) == (7.0, 3, pytest.approx(7.0 / 3))
+
+
+def test_running_mean_adds_the_ranks_first(monkeypatch):
     class FakeRanks:  # as if another rank had sent sum 10 over 2 values
         ddp = True
-    m = RunningMean()
-    from nanopo import objectives
-    real = objectives.all_reduce_sum
-    objectives.all_reduce_sum = lambda totals, rt: totals + torch.tensor([10.0, 2.0], dtype=torch.float64)
-    try:
-        m.update(t(1.0, 2.0, 3.0), FakeRanks())
-    finally:
-        objectives.all_reduce_sum = real
+    m = RunningMean("delta")
+    monkeypatch.setattr(runtime, "all_reduce_sum",
+                        lambda totals, rt: totals + torch.tensor([10.0, 2.0], dtype=torch.float64))
+    m.update(t(1.0, 2.0, 3.0), FakeRanks())
     assert m.mean == pytest.approx((6.0 + 10.0) / 5)
 
 
@@ -391,7 +432,7 @@ PAIRS = [([10, 11, 12], [20, 21, 22, 23, E], [30, E]), ([40, 41], [50, E], [60, 
 def by_hand(model, prompt, response, public, alpha):
     """Summed LD log-prob and the WPO mean log-weight of one response, from a forward of its own row, token by
     token with the math module."""
-    logits = model(torch.tensor([prompt + response[:-1]]))[0][0].double()
+    logits = model(torch.tensor([prompt + response[:-1]]))[0].double()
     ld, log_w = 0.0, 0.0
     for k, y in enumerate(response):
         row = logits[len(prompt) - 1 + k].tolist()
@@ -417,11 +458,11 @@ def test_wpo_and_ld_dpo_against_per_row_forwards(model, layout):
         assert (nc[i].item(), nr[i].item()) == (len(c), len(r))
     assert 0 < w.min() and w.max() <= 1 and w.min() < 1  # the check is not trivially "all ones"
     idx, targets, mask = collate_pairs(PAIRS, PAD)
-    plain = summed_logps(torch.log_softmax(model(idx)[0], -1).gather(2, targets[..., None])[..., 0], mask)[0]
+    plain = summed_logps(torch.log_softmax(model(idx), -1).gather(2, targets[..., None])[..., 0], mask)[0]
     assert (pc - plain[:3]).abs().max() > 0.1  # the discount changed something
 
 
-# ---------------------------------------------------------------- TR-DPO (reference.py)
+# ---------------------------------------------------------------- TR-DPO (nanopo/checkpoint.py)
 
 def tiny(seed):
     torch.manual_seed(seed)

@@ -43,23 +43,26 @@ def sharpen(model, std=0.2, seed=2):
 
 def test_token_logprobs_equal_negative_cross_entropy(tiny_model):
     idx, targets = random_tokens(3, 20, seed=1), random_tokens(3, 20, seed=2)
-    logits, _ = tiny_model(idx)
+    logits = tiny_model(idx)
     expected = -F.cross_entropy(logits.view(-1, V), targets.view(-1), reduction="none").view(3, 20)
-    got = token_logps(tiny_model(idx)[0], targets)
+    got = token_logps(tiny_model(idx), targets)
     assert got.shape == (3, 20) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     # and in float64, from the definition log p = z_t - log sum_v exp(z_v)
     m64 = copy.deepcopy(tiny_model).double()
-    z = m64(idx)[0]
+    z = m64(idx)
     by_hand = z.gather(2, targets[..., None])[..., 0] - torch.logsumexp(z, dim=-1)
     torch.testing.assert_close(got.double(), by_hand, rtol=0, atol=1e-5)
 
 
-def test_forward_loss_is_mean_nll_ignoring_minus_one(tiny_model):
+def test_cross_entropy_loss_is_mean_nll_ignoring_minus_one(tiny_model):
+    """nanoGPT's training loss (cross-entropy, targets of -1 ignored) is the mean of the kept tokens'
+    negative log-probs."""
     idx, targets = random_tokens(2, 10, seed=3), random_tokens(2, 10, seed=4)
     targets[0, :4] = -1
-    _, loss = tiny_model(idx, targets)
-    logps = token_logps(tiny_model(idx)[0], targets.clamp(min=0))
+    logits = tiny_model(idx)
+    loss = F.cross_entropy(logits.float().view(-1, V), targets.view(-1), ignore_index=-1)
+    logps = token_logps(logits, targets.clamp(min=0))
     keep = targets != -1
     torch.testing.assert_close(loss, -logps[keep].mean(), rtol=0, atol=1e-6)
 
@@ -67,8 +70,8 @@ def test_forward_loss_is_mean_nll_ignoring_minus_one(tiny_model):
 def test_token_logprobs_are_float32_under_bf16_autocast(tiny_model):
     idx, targets = random_tokens(2, 12, seed=5), random_tokens(2, 12, seed=6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, _ = tiny_model(idx)
-        got = token_logps(tiny_model(idx)[0], targets)
+        logits = tiny_model(idx)
+        got = token_logps(tiny_model(idx), targets)
     assert logits.dtype == torch.bfloat16  # autocast really was on
     assert got.dtype == torch.float32
     # the normaliser is computed from the upcast logits, not in bf16
@@ -84,11 +87,11 @@ def test_concatenated_forward_equals_separate_forwards(tiny_model):
              ([11], [12, 13, 14, 15, 16, 17, 256], [18, 256]),
              ([20, 21, 22, 23, 24, 25], [26, 256], [27, 28, 29, 30, 256])]
     idx, targets, mask = collate_pairs(pairs, pad_id=257)
-    batch_logps = token_logps(tiny_model(idx)[0], targets)  # (2B, T)
+    batch_logps = token_logps(tiny_model(idx), targets)  # (2B, T)
     seqs = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]
     sums = []
     for b, s in enumerate(seqs):
-        alone = token_logps(tiny_model(torch.tensor([s[:-1]]))[0], torch.tensor([s[1:]]))[0]  # (len(s) - 1,)
+        alone = token_logps(tiny_model(torch.tensor([s[:-1]])), torch.tensor([s[1:]]))[0]  # (len(s) - 1,)
         n = len(s) - 1
         assert (batch_logps[b, :n] - alone).abs().max() <= 1e-5
         prompt_len = len(pairs[b % len(pairs)][0])
@@ -115,7 +118,7 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tiny_model):
     for p, out in zip(PROMPTS, alone):
         seq = list(p)
         for _ in range(10):
-            seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
         assert seq[len(p):] == out
 
 
@@ -158,7 +161,7 @@ def test_seeded_sampling_is_reproducible(tiny_model):
 def test_top_k_samples_only_the_k_most_likely(tiny_model):
     model = sharpen(tiny_model)
     p = [PROMPTS[0]]
-    logits = model(torch.tensor(p))[0][0, -1]
+    logits = model(torch.tensor(p))[0, -1]
     allowed = set(logits.topk(3).indices.tolist())
     g = torch.Generator().manual_seed(0)
     firsts = {model.generate(p, 1, 300, 257, temperature=5.0, top_k=3, generator=g)[0][0] for _ in range(60)}
@@ -170,9 +173,9 @@ def test_kv_cache_step_equals_the_full_forward(tiny_model):
     one plain forward over the whole sequence, in float64 so only the arithmetic order differs."""
     model = sharpen(tiny_model).double()
     seq = torch.tensor([[5, 17, 99, 3, 42, 250, 7, 7, 120, 64], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
-    full, _ = model(seq)  # (2, 10, V)
+    full = model(seq)  # (2, 10, V)
     cache = KVCache(model.config.n_layer, max_len=10)
-    steps = [model(seq[:, :5], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(5, 10)]
+    steps = [model(seq[:, :5], cache=cache)] + [model(seq[:, t:t + 1], cache=cache) for t in range(5, 10)]
     assert cache.filled == 10
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-10)
 
@@ -197,7 +200,7 @@ def test_generation_past_block_size_slides_a_window(tiny_model):
     prompt = [(7 * i) % 250 for i in range(30)]
     seq = list(prompt)
     for _ in range(6):
-        seq.append(int(model(torch.tensor([seq[-32:]]))[0][0, -1].argmax()))
+        seq.append(int(model(torch.tensor([seq[-32:]]))[0, -1].argmax()))
     for use_cache in (True, False):
         assert model.generate([prompt], 6, eos_id=300, pad_id=257, use_cache=use_cache) == [seq[30:]]
     # a batch with one prompt longer than block_size: that prompt is cut to its last 32 tokens
@@ -249,10 +252,11 @@ def test_weight_tying(tiny_model):
         for block in tiny_model.transformer.h:
             x = block(x)
         expected = tiny_model.transformer.ln_f(x) @ tiny_model.transformer.wte.weight.T
-    torch.testing.assert_close(tiny_model(idx)[0], expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tiny_model(idx), expected, rtol=0, atol=1e-5)
     # one gradient, reaching the table from both uses; and a deep copy keeps the tie
     tiny_model.zero_grad()
-    tiny_model(idx, targets=random_tokens(1, 6, seed=8))[1].backward()
+    targets = random_tokens(1, 6, seed=8)
+    F.cross_entropy(tiny_model(idx).view(-1, V), targets.view(-1)).backward()
     assert tiny_model.lm_head.weight.grad is tiny_model.transformer.wte.weight.grad
     clone = copy.deepcopy(tiny_model)
     assert clone.lm_head.weight is clone.transformer.wte.weight
@@ -260,7 +264,7 @@ def test_weight_tying(tiny_model):
 
 def test_last_only_matches_full_forward(tiny_model):
     idx = random_tokens(2, 9, seed=9)
-    full, _ = tiny_model(idx)
-    last, _ = tiny_model(idx, last_only=True)
+    full = tiny_model(idx)
+    last = tiny_model(idx, last_only=True)
     assert last.shape == (2, 1, V)
     torch.testing.assert_close(last[:, 0], full[:, -1], rtol=0, atol=1e-6)

@@ -119,7 +119,7 @@ def test_fully_masked_batch_gives_zero_loss_and_zero_gradients():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=16))
     idx = torch.randint(0, VOCAB, (3, 8))
-    per_token = token_logps(model(idx)[0], torch.roll(idx, -1, 1))  # (3, 8)
+    per_token = token_logps(model(idx), torch.roll(idx, -1, 1))  # (3, 8)
     logps, n_tokens = summed_logps(per_token, torch.zeros(3, 8))
     assert torch.equal(logps, torch.zeros(3)) and torch.equal(n_tokens, torch.zeros(3))
     loss = sft_loss(logps, n_tokens)

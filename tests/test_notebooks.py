@@ -1,5 +1,5 @@
-"""The tutorial notebooks run top to bottom and match their committed outputs; plot.py reads metrics.jsonl
-exactly and writes the PNGs it promises."""
+"""The tutorial notebooks run top to bottom and match their committed outputs; scripts/plot.py
+reads metrics.jsonl exactly and writes the PNGs it promises."""
 
 import copy
 import math
@@ -64,7 +64,7 @@ def test_notebook_runs_and_matches_committed_outputs(path):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# plot.py
+# scripts/plot.py
 
 sys.path.insert(0, REPO)
 from scripts import plot  # noqa: E402

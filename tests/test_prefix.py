@@ -58,7 +58,7 @@ def test_length_and_bad_pairs():
 def _plain_logps(model, pairs):
     """The reference: collate_pairs' two rows per pair, causal attention, log-probs via cross_entropy."""
     idx, targets, mask = collate_pairs(pairs, PAD)
-    logits, _ = model(idx)
+    logits = model(idx)
     token_logps = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (2B, T)
     logps = (token_logps * mask).sum(-1)
     B = len(pairs)
@@ -91,7 +91,7 @@ def test_logps_and_gradients_match_plain_forward(model):
     plain_grads = torch.autograd.grad((pc - pr).sum(), params)
 
     batch = collate_prefix_shared(pairs, PAD)
-    logits, _ = model(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"])
+    logits = model(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"])
     assert torch.isfinite(logits).all()  # padded query rows must not be NaN
     sc, sr, sc_n, sr_n = packed_row_logps(logits, batch)
     shared_grads = torch.autograd.grad((sc - sr).sum(), params)
@@ -114,7 +114,7 @@ def test_leaky_mask_is_detected(model):
     batch = collate_prefix_shared(pairs, PAD)
     batch["attn_mask"] = batch["attn_mask"] | torch.ones_like(batch["attn_mask"]).tril()  # plain causal
     with torch.no_grad():
-        logits, _ = model(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"])
+        logits = model(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"])
         _, sr, _, _ = packed_row_logps(logits, batch)
     assert (sr - pr).abs().max() > 1e-3
 
@@ -130,7 +130,7 @@ def test_flex_attention_block_mask_equals_the_boolean_mask():
     batch = collate_prefix_shared(pairs, pad_id=0)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager FlexAttention on a CPU warns that it is slow
-        dense, _ = gpt(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"])
-        flex, _ = gpt(batch["idx"], pos=batch["pos"], attn_mask=model_module.block_mask(batch["attn_mask"]))
+        dense = gpt(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"])
+        flex = gpt(batch["idx"], pos=batch["pos"], attn_mask=model_module.block_mask(batch["attn_mask"]))
     real = batch["attn_mask"][:, 0].diagonal(dim1=1, dim2=2) & (batch["idx"] != 0)  # non-padding positions
     assert (dense - flex)[real].abs().max().item() < 1e-5
