@@ -83,7 +83,7 @@ beta1 = 0.9
 beta2 = 0.99              # few tokens per step (nanoGPT's shakespeare-char uses 0.99 too)
 grad_clip = 1.0
 max_nonfinite = 5         # stop after this many non-finite steps in a row
-# bigger models on the same hardware (README "LoRA and activation checkpointing")
+# bigger models on the same hardware (docs/lora_and_checkpointing.md)
 lora_rank = 0             # > 0: train rank-r LoRA adapters on lora_targets, the rest frozen
 lora_alpha = 16.0         # the adapters' update is scaled by lora_alpha / lora_rank
 lora_dropout = 0.0        # dropout on the adapters' input
