@@ -507,9 +507,11 @@ for it in range(start_iter, max_iters + 1):
         step_loss += loss.detach() * share
         logger.add(loss, metrics, share, count_tokens(batch))
     scaler.unscale_(optimizer)
+    # clip the gradients to a total norm of grad_clip; the norm before clipping is logged
     grad_norm = runtime.clip_grad_norm(wrapped_policy, grad_clip)
     # skip the update if the loss or the gradient is not finite: the same decision on every rank
     if guard.all_finite(step_loss, grad_norm, scaler, process, it):
+        # AdamW's step (the GradScaler only acts in fp16)
         scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)

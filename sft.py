@@ -222,6 +222,7 @@ for it in range(start_iter, max_iters + 1):
         tokens_read = sum(len(prompt) + len(response) - 1 for prompt, response in rows)
         logger.add(loss, {}, share, tokens_read)
     scaler.unscale_(optimizer)
+    # clip the gradients to a total norm of grad_clip; the norm before clipping is logged
     grad_norm = runtime.clip_grad_norm(wrapped_model, grad_clip)
     # skip the update if the loss or the gradient is not finite: the same decision on every rank
     if guard.all_finite(step_loss, grad_norm, scaler, process, it):
