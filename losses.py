@@ -90,7 +90,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
 
 
-def robust_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.0, weights=None):
+def robust_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                reference_rejected_logps, beta=0.1, label_smoothing=0.0, weights=None):
     """Robust DPO, rDPO ("Provably Robust DPO: Aligning Language Models with Noisy Feedback",
     Chowdhury et al. 2024, arXiv:2403.00409): unbiased under labels flipped with probability
     eps = label_smoothing < 1/2.
@@ -101,6 +102,8 @@ def robust_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.0, weights=None):
     labels' losses and so stops at a finite margin; rDPO subtracts the flipped label's loss, so it
     never stops: the push on h tends to beta eps / (1 - 2 eps) as h grows, not to 0. eps = 0 is DPO;
     ln 2 at h = 0. Summed log-probs."""
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    rc, rr = reference_chosen_logps, reference_rejected_logps
     h = (pc - rc) - (pr - rr)
     eps = label_smoothing
     losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
@@ -149,7 +152,8 @@ def hinge_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logp
     return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
 
 
-def exo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=1e-3, weights=None):
+def exo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+             reference_rejected_logps, beta=0.1, label_smoothing=1e-3, weights=None):
     """EXO, pairwise ("Towards Efficient Exact Optimization of Language Model Alignment", Ji et al.
     2024, arXiv:2402.00856, eq. 16, as TRL's exo_pair): the REVERSE KL from the model's preference
     probability p = sigmoid(beta h) to the labels' (1 - eps, eps), eps = label_smoothing > 0:
@@ -161,6 +165,8 @@ def exo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=1e-3, weights=None):
     reverse KL is mode-seeking. Its minimum, 0, sits at beta h = log((1 - eps) / eps), 6.9 for TRL's
     eps = 1e-3 (used when label_smoothing is 0): a finite target margin, as in cDPO. At h = 0 it is
     log(1/2) - log(eps (1 - eps)) / 2 (2.76 for 1e-3), not ln 2."""
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    rc, rr = reference_chosen_logps, reference_rejected_logps
     if not 0 < label_smoothing < 1:
         raise ValueError(f"exo_loss: label_smoothing must be in (0, 1), got {label_smoothing}")
     h = (pc - rc) - (pr - rr)
@@ -170,7 +176,8 @@ def exo_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=1e-3, weights=None):
     return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
 
 
-def discopop_loss(pc, pr, rc, rr, beta=0.1, tau=0.05, weights=None):
+def discopop_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                  reference_rejected_logps, beta=0.1, tau=0.05, weights=None):
     """DiscoPOP ("Discovering Preference Optimization Algorithms with and for Large Language
     Models", Lu et al. 2024, arXiv:2406.08414, eq. 5: the log-ratio modulated loss), found by an LLM
     proposing objectives and a search keeping what trained best. A blend of DPO's logistic loss and
@@ -185,12 +192,15 @@ def discopop_loss(pc, pr, rc, rr, beta=0.1, tau=0.05, weights=None):
     tau = 0.05), which notebook 01 draws. m * exp(-x) is computed as exp(-x + logsigmoid(x / tau)),
     bounded by 1 for tau <= 1 (configurator checks 0 < tau <= 1).
     (1 + ln 2) / 2 at h = 0."""
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    rc, rr = reference_chosen_logps, reference_rejected_logps
     x = beta * ((pc - rc) - (pr - rr))
     losses = torch.sigmoid(-x / tau) * -F.logsigmoid(x) + torch.exp(-x + F.logsigmoid(x / tau))
     return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
 
 
-def aot_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.0, unpaired=False):
+def aot_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+             reference_rejected_logps, beta=0.1, label_smoothing=0.0, unpaired=False):
     """AOT, alignment via optimal transport ("Distributional Preference Alignment of LLMs via
     Optimal Transport", Melnyk et al. 2024, arXiv:2406.05882): asks the batch's DISTRIBUTION of
     scores to dominate another in first order (every quantile higher), not each pair. In one
@@ -212,6 +222,8 @@ def aot_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.0, unpaired=False):
     micro-batch size: more gradient accumulation or more ranks with smaller micro-batches is another
     objective. No WPO weights: the sorted terms are not pairs.
     ln 2 at policy = reference. Rewards: beta * (policy - ref) per response, unsorted."""
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    rc, rr = reference_chosen_logps, reference_rejected_logps
     u, v = (pc - rc, pr - rr) if unpaired else (pc - pr, rc - rr)
     delta = beta * (torch.sort(u).values - torch.sort(v).values)
     losses = -(1 - label_smoothing) * F.logsigmoid(delta) - label_smoothing * F.logsigmoid(-delta)
@@ -222,7 +234,8 @@ def aot_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.0, unpaired=False):
 # Pairwise, against a reference: each response's log-ratio judged on its own
 # (not functions of h alone)
 
-def nca_loss(pc, pr, rc, rr, beta=0.1, weights=None):
+def nca_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+             reference_rejected_logps, beta=0.1, weights=None):
     """NCA, pairwise ("Noise Contrastive Alignment of Language Models with Explicit Rewards",
     Chen et al. 2024, arXiv:2402.05369), as TRL's nca_pair:
 
@@ -234,12 +247,15 @@ def nca_loss(pc, pr, rc, rr, beta=0.1, weights=None):
     the chosen answer's likelihood ABOVE the reference's, where DPO lets it fall as long as the
     margin grows (the paper's point).
     2 ln 2 at policy = reference. Summed log-probs."""
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    rc, rr = reference_chosen_logps, reference_rejected_logps
     r_c, r_r = beta * (pc - rc), beta * (pr - rr)
     losses = -F.logsigmoid(r_c) - 0.5 * F.logsigmoid(-r_c) - 0.5 * F.logsigmoid(-r_r)
     return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
 
 
-def bco_loss(pc, pr, rc, rr, beta=0.1, delta=0.0, weights=None):
+def bco_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+             reference_rejected_logps, beta=0.1, delta=0.0, weights=None):
     """BCO, pairwise ("Binary Classifier Optimization for Large Language Model Alignment",
     Jung et al. 2024, arXiv:2404.04656): a logistic classifier whose logit is the implicit reward,
     chosen = class 1, rejected = class 0, with the decision threshold delta (the reward shift):
@@ -251,12 +267,15 @@ def bco_loss(pc, pr, rc, rr, beta=0.1, delta=0.0, weights=None):
     the running mean of all rewards seen (nanopo/runtime.py's RunningMean, what dpo.py does), so the
     threshold follows the rewards as they drift; delta = 0 is TRL 1.16's bco_pair.
     2 ln 2 at policy = reference with delta = 0."""
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    rc, rr = reference_chosen_logps, reference_rejected_logps
     r_c, r_r = beta * (pc - rc), beta * (pr - rr)
     losses = -F.logsigmoid(r_c - delta) - F.logsigmoid(-(r_r - delta))
     return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
 
 
-def sppo_hard_loss(pc, pr, rc, rr, beta=0.1, weights=None):
+def sppo_hard_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                   reference_rejected_logps, beta=0.1, weights=None):
     """SPPO with hard probabilities ("Self-Play Preference Optimization for Language Model
     Alignment", Wu et al. 2024, arXiv:2405.00675, eq. 4.7 with P(chosen wins) = 1 and
     P(rejected wins) = 0, as TRL's sppo_hard):
@@ -268,11 +287,14 @@ def sppo_hard_loss(pc, pr, rc, rr, beta=0.1, weights=None):
     difference). Both answers stop at a fixed distance from the reference, and a rejected answer
     pushed too far down is pulled back.
     1/(2 beta^2) at policy = reference."""
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    rc, rr = reference_chosen_logps, reference_rejected_logps
     losses = (pc - rc - 0.5 / beta) ** 2 + (pr - rr + 0.5 / beta) ** 2
     return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
 
 
-def apo_zero_loss(pc, pr, rc, rr, beta=0.1, weights=None):
+def apo_zero_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                  reference_rejected_logps, beta=0.1, weights=None):
     """APO-zero ("Anchored Preference Optimization and Contrastive Revisions", D'Oosterlinck et al.
     2024, arXiv:2408.06266, eq. 7). Anchored: each response's likelihood moves in a set direction.
 
@@ -281,12 +303,15 @@ def apo_zero_loss(pc, pr, rc, rr, beta=0.1, weights=None):
     The right one when the chosen answers are BETTER than what the model would say itself, as on the
     embedded task (the verified answer against the model's own mistake). Saturates both ways.
     1 at policy = reference."""
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    rc, rr = reference_chosen_logps, reference_rejected_logps
     # 1 - sigmoid(x) = sigmoid(-x)
     losses = torch.sigmoid(-beta * (pc - rc)) + torch.sigmoid(beta * (pr - rr))
     return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
 
 
-def apo_down_loss(pc, pr, rc, rr, beta=0.1, weights=None):
+def apo_down_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                  reference_rejected_logps, beta=0.1, weights=None):
     """APO-down (same paper, eq. 8):
 
         loss = sigmoid(beta (pc - rc)) + (1 - sigmoid(beta ((pc - rc) - (pr - rr))))
@@ -296,6 +321,8 @@ def apo_down_loss(pc, pr, rc, rr, beta=0.1, weights=None):
     chosen = a revision of a weaker model's output), so that even the preferred data should not be
     imitated. On data whose chosen answers are the ones to learn, it works against the task
     (docs/results.md). 1 at policy = reference."""
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    rc, rr = reference_chosen_logps, reference_rejected_logps
     losses = torch.sigmoid(beta * (pc - rc)) + torch.sigmoid(-beta * ((pc - rc) - (pr - rr)))
     return batch_mean(losses, weights), *implicit_rewards(beta, pc, pr, rc, rr)
 
@@ -472,9 +499,12 @@ def f_divergence(logratios, kind="reverse_kl", alpha=0.5):
 # (loss, chosen_rewards, rejected_rewards).
 # simpo, orpo and sft have no reference and are called apart.
 
-def aot_unpaired_loss(pc, pr, rc, rr, beta=0.1, label_smoothing=0.0):
+def aot_unpaired_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                      reference_rejected_logps, beta=0.1, label_smoothing=0.0):
     """AOT's unpaired form (aot_loss with unpaired=True): chosen log-ratios against
     rejected ones, sorted."""
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    rc, rr = reference_chosen_logps, reference_rejected_logps
     return aot_loss(pc, pr, rc, rr, beta, label_smoothing, unpaired=True)
 
 
