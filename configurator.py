@@ -18,6 +18,8 @@ Importing this module changes nothing.
 
 import ast
 import difflib
+import os
+import re
 import sys
 
 
@@ -122,13 +124,65 @@ def parse_overrides(defaults, argv):
     return updates
 
 
+def settings_help(g):
+    """The text `--help` prints: how to run the script, the first paragraph of its docstring, and
+    every setting with its default and its comment, under the comment lines that group them in the
+    script (read from the script's own source, so the help is the settings block itself)."""
+    keys = config_keys(g)
+    path = g.get("__file__", "")
+    script = os.path.relpath(path) if path else "script.py"
+    if g.get("__spec__") is not None and g["__spec__"].name != "__main__":
+        script = f"-m {g['__spec__'].name}"
+    lines = [f"usage: python {script} [config_file.py ...] [--key=value ...]", ""]
+    docstring = (g.get("__doc__") or "").strip()
+    if docstring:
+        lines += [docstring.split("\n\n")[0], ""]
+    lines.append("settings, with their defaults (a config file or --key=value overrides any):")
+    source = []
+    if path and os.path.exists(path):
+        with open(path) as f:
+            source = f.read().splitlines()
+    setting = re.compile(r"^(\w+) = .*?(?:#\s?(.*))?$")
+    shown = set()
+    group = []
+    for text in source:
+        if re.match(r"^# -{10,}$", text):
+            continue
+        match = setting.match(text)
+        if match and match.group(1) in keys and match.group(1) not in shown:
+            name = match.group(1)
+            # the comment lines just above a setting group it (the script's own section headers)
+            if group:
+                lines += ["", *("  " + c for c in group)]
+                group = []
+            line = f"    --{name}={g[name]!r}"
+            if match.group(2):
+                line = line.ljust(38) + "  " + match.group(2)
+            lines.append(line)
+            shown.add(name)
+        elif text.startswith("# "):
+            group.append(text[2:])
+        else:
+            group = []
+    # settings whose line was not found in the source (none in the scripts here)
+    for name in keys:
+        if name not in shown:
+            lines.append(f"    --{name}={g[name]!r}")
+    return "\n".join(lines)
+
+
 def apply_overrides(g, argv=None):
     """Override the script's globals `g` in place from sys.argv (or argv); exit with one line on a
-    mistake. Returns the final config as a dict (what checkpoints and logs record)."""
+    mistake. --help (or -h) prints every setting with its default and comment, then exits 0.
+    Returns the final config as a dict (what checkpoints and logs record)."""
     keys = config_keys(g)
     script_defaults = {k: g[k] for k in keys}
+    args = sys.argv[1:] if argv is None else argv
+    if "--help" in args or "-h" in args:
+        print(settings_help(g))
+        sys.exit(0)
     try:
-        updates = parse_overrides(script_defaults, sys.argv[1:] if argv is None else argv)
+        updates = parse_overrides(script_defaults, args)
     except ConfigError as e:
         sys.exit(f"error: {e}")
     for k, v in updates.items():

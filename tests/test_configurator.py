@@ -1,6 +1,9 @@
 """Tests for configurator.py: --key=value parsing and type rules, config files, and the one-line errors a user
 sees for a misspelt key, a wrong type or a missing file (also end to end, through sft.py)."""
 
+import ast
+import os
+import re
 import subprocess
 import sys
 
@@ -119,3 +122,44 @@ def test_script_with_bad_setting_value_exits_with_one_line(repo_root, script_env
     assert run.returncode != 0
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: unknown loss_type 'foo'"), run.stderr
+
+
+def script_settings(path):
+    """A script's settings read independently of configurator: the module-level `name = literal`
+    assignments above its apply_overrides call, with their values."""
+    tree = ast.parse(open(path).read())
+    settings = {}
+    for node in tree.body:
+        if not isinstance(node, (ast.Import, ast.ImportFrom)) and "apply_overrides(" in ast.unparse(node):
+            break
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            if not name.startswith("_") and isinstance(value, (int, float, bool, str, type(None))):
+                settings[name] = value
+    return settings
+
+
+@pytest.mark.parametrize("script", ["sft.py", "dpo.py", "sample.py", "scripts/online_dpo.py",
+                                    "bench/step_time.py", "bench/threads.py"])
+def test_help_lists_every_setting_with_its_default(script, repo_root, script_env, tmp_path):
+    """--help prints every setting with its default (and its comment), under the script's own group
+    headers, and exits 0 without starting a run."""
+    command = [sys.executable, script] if script.count("/") == 0 else \
+        [sys.executable, "-m", script[:-3].replace("/", ".")]
+    run = subprocess.run(command + ["--help"], cwd=repo_root, env=script_env, capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("usage: python ")
+    settings = script_settings(os.path.join(repo_root, script))
+    assert len(settings) >= 2
+    shown = re.findall(r"^    --(\w+)=(.*?)(?: {2,}|$)", run.stdout, re.M)
+    assert {name: ast.literal_eval(value) for name, value in shown} == settings
+    # nothing was overridden (no "config: key = value" line) and no run started
+    assert not re.search(r"^config: ", run.stdout, re.M)
+    if script == "dpo.py":
+        # a comment and a group header from the script itself
+        assert re.search(r"--beta=1.0\s+KL strength", run.stdout) and "\n  the loss\n" in run.stdout
