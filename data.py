@@ -83,13 +83,29 @@ def truncate(prompt_ids, responses, max_len, max_prompt_len):
 
 
 class SkipCounter:
-    """Counts rows left out and why, so a run can report them instead of dropping them silently."""
+    """Counts rows left out and why, and rows cut to fit block_size and how, so a run reports them
+    instead of dropping or cutting them silently. `shortest`: the fewest tokens any row needed whole
+    (prompt + response + EOS), for the error when no row fits."""
 
     def __init__(self):
         self.reasons = {}
+        self.cuts = {}
+        self.rows_cut = 0
+        self.shortest = None
 
     def add(self, reason):
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
+
+    def add_cut(self, how):
+        """One more row cut to fit; how: 'prompt cut from the left' and/or 'response cut'."""
+        self.rows_cut += 1
+        for kind in how:
+            self.cuts[kind] = self.cuts.get(kind, 0) + 1
+
+    def saw_row(self, n_tokens):
+        """A row that needs n_tokens whole."""
+        if self.shortest is None or n_tokens < self.shortest:
+            self.shortest = n_tokens
 
     def total(self):
         return sum(self.reasons.values())
@@ -97,9 +113,42 @@ class SkipCounter:
     def add_all(self, other):
         for reason, n in other.reasons.items():
             self.reasons[reason] = self.reasons.get(reason, 0) + n
+        for kind, n in other.cuts.items():
+            self.cuts[kind] = self.cuts.get(kind, 0) + n
+        self.rows_cut += other.rows_cut
+        if other.shortest is not None:
+            self.saw_row(other.shortest)
+
+    def truncated(self):
+        """'none', or how many rows were cut and how: '3 rows (2 prompt cut from the left, ...)'."""
+        if self.rows_cut == 0:
+            return "none"
+        how = ", ".join(f"{n} {kind}" for kind, n in sorted(self.cuts.items()))
+        return f"{self.rows_cut} rows ({how})"
 
     def __str__(self):
         return ", ".join(f"{n} {r}" for r, n in sorted(self.reasons.items())) or "none"
+
+
+def check_rows_fit(rows, counter, block_size, source):
+    """Stop with one line when every encoded row had to be cut to fit block_size: the run would
+    learn from nothing but fragments (a block_size of 2 on the embedded task cuts every answer)."""
+    if rows and counter.rows_cut == len(rows):
+        raise UserError(f"{source}: block_size={block_size} fits no row whole (every one of "
+                        f"{len(rows)} was cut); the shortest needs {counter.shortest} tokens "
+                        f"(prompt + response + EOS): use --block_size={counter.shortest - 1} "
+                        "or more")
+
+
+def cuts_of(prompt_ids, responses, fitted):
+    """How truncate() changed a row: ('prompt cut from the left',) and/or ('response cut',)."""
+    prompt, kept = fitted
+    how = []
+    if len(prompt) < len(prompt_ids):
+        how.append("prompt cut from the left")
+    if any(len(k) < len(r) for k, r in zip(kept, responses)):
+        how.append("response cut")
+    return how
 
 
 def _check_text(row, key, where):
@@ -126,11 +175,16 @@ def encode_sft_rows(rows, tok, block_size, max_prompt_len=None, source="sft data
         if not response.strip() and not allow_empty:
             skipped.add("empty response")
             continue
+        prompt_ids = tok.encode(prompt)
         responses = [tok.encode(response) + [tok.eos_id]]
-        fitted = truncate(tok.encode(prompt), responses, max_len, max_prompt_len)
+        fitted = truncate(prompt_ids, responses, max_len, max_prompt_len)
         if fitted is None:
             skipped.add("empty prompt")
             continue
+        skipped.saw_row(len(prompt_ids) + len(responses[0]))
+        how = cuts_of(prompt_ids, responses, fitted)
+        if how:
+            skipped.add_cut(how)
         out.append((fitted[0], fitted[1][0]))
     return out, skipped
 
@@ -154,8 +208,9 @@ def encode_pair_rows(rows, tok, block_size, max_prompt_len=None, source="prefere
         if chosen == rejected:
             skipped.add("chosen == rejected")
             continue
+        prompt_ids = tok.encode(prompt)
         responses = [tok.encode(chosen) + [tok.eos_id], tok.encode(rejected) + [tok.eos_id]]
-        fitted = truncate(tok.encode(prompt), responses, max_len, max_prompt_len)
+        fitted = truncate(prompt_ids, responses, max_len, max_prompt_len)
         if fitted is None:
             skipped.add("empty prompt")
             continue
@@ -163,6 +218,10 @@ def encode_pair_rows(rows, tok, block_size, max_prompt_len=None, source="prefere
         if c == r:
             skipped.add("chosen == rejected after truncation")
             continue
+        skipped.saw_row(len(prompt_ids) + max(len(x) for x in responses))
+        how = cuts_of(prompt_ids, responses, fitted)
+        if how:
+            skipped.add_cut(how)
         out.append((p, c, r))
     return out, skipped
 

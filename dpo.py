@@ -31,7 +31,7 @@ import torch
 
 import losses
 from configurator import apply_overrides, check_config, install_error_handler
-from data import BatchOrder, Tokenizer, encode_pair_rows
+from data import BatchOrder, Tokenizer, check_rows_fit, encode_pair_rows
 from logprobs import (average_logps, concatenated_logps, concatenated_tokens, logprob_path,
                       logps_table, prefix_shared_logps, prefix_shared_tokens)
 from nanopo import checkpoint, kto, runtime
@@ -224,11 +224,17 @@ else:
                                         use_cache=task is None, allow_empty=pairs == "judged")
     eval_data, eval_skipped = cached_encode(encode_pair_rows, eval_rows[:n_eval], tok, block_size,
                                             eval_dataset or dataset, use_cache=bool(eval_rows))
+# Rows cut to fit block_size are counted. A dataset none of whose rows fits whole stops here; pairs
+# built from a task may be cut (a model's own wrong answer can ramble to max_new_tokens).
+if task is None:
+    check_rows_fit(train_data, skipped, block_size, source)
 if process.master:
     write_jsonl(os.path.join(out_dir, "pairs.jsonl"), rows)  # to read what the model is taught
-    line = f"{report}; {len(train_data)} training rows, skipped: {skipped}"
+    line = (f"{report}; {len(train_data)} training rows, skipped: {skipped}, "
+            f"truncated: {skipped.truncated()}")
     if eval_rows:
-        line += f"; {len(eval_data)} held-out rows, skipped: {eval_skipped}"
+        line += (f"; {len(eval_data)} held-out rows, skipped: {eval_skipped}, "
+                 f"truncated: {eval_skipped.truncated()}")
     print(line)
 
 # 3. a model's log-probs of a batch of pairs (both models), and where the reference's come from

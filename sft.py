@@ -22,7 +22,7 @@ if "OMP_WAIT_POLICY" not in os.environ:
 import time  # noqa: E402  (the imports below load torch)
 
 from configurator import apply_overrides, check_config, install_error_handler
-from data import BatchOrder, Tokenizer, encode_sft_rows
+from data import BatchOrder, Tokenizer, check_rows_fit, encode_sft_rows
 from logprobs import completion_logps, logprob_path
 from losses import sft_loss
 from nanopo import checkpoint, runtime
@@ -129,10 +129,14 @@ train_data, skipped = cached_encode(encode_sft_rows, rows, tok, block_size,
                                     dataset or "embedded task", use_cache=bool(dataset))
 eval_data, eval_skipped = cached_encode(encode_sft_rows, eval_rows[:n_eval], tok, block_size,
                                         eval_dataset or dataset, use_cache=bool(dataset))
+# rows cut to fit block_size are counted; a block_size that fits no row whole stops here
+check_rows_fit(train_data, skipped, block_size, dataset or "embedded task")
 if process.master:
-    line = f"{report}; encoded: {len(train_data)} training rows (skipped: {skipped})"
+    line = (f"{report}; encoded: {len(train_data)} training rows (skipped: {skipped}; "
+            f"truncated: {skipped.truncated()})")
     if eval_rows:
-        line += f", {len(eval_data)} held-out rows (skipped: {eval_skipped})"
+        line += (f", {len(eval_data)} held-out rows (skipped: {eval_skipped}; "
+                 f"truncated: {eval_skipped.truncated()})")
     print(f"{line}; model: {model.get_num_params() / 1e6:.2f}M parameters")
 # --logprobs=auto: chunked for a large vocabulary (GPT-2's), plain for the embedded task's
 logprob_kind = logprob_path(logprobs, model.config.vocab_size)

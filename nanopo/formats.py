@@ -351,7 +351,7 @@ def write_jsonl(path, rows):
 # -----------------------------------------------------------------------------------------------------------
 # The token cache
 
-TOKEN_CACHE_VERSION = 1  # bump when encoding or truncation changes, so old cached token ids are not reused
+TOKEN_CACHE_VERSION = 2  # bump when encoding or truncation changes, so old cached token ids are not reused
 
 
 def token_cache_dir():
@@ -375,6 +375,9 @@ def cached_encode(encode, rows, tok, block_size, source, use_cache=True, allow_e
             saved = torch.load(path, weights_only=True)
             skipped = SkipCounter()
             skipped.reasons = dict(saved["skipped"])
+            skipped.cuts = dict(saved["cuts"])
+            skipped.rows_cut = saved["rows_cut"]
+            skipped.shortest = saved["shortest"]
             return [tuple(r) for r in saved["rows"]], skipped
         except Exception:
             pass  # unreadable (a foreign or cut-short file): tokenise again and rewrite it
@@ -382,7 +385,8 @@ def cached_encode(encode, rows, tok, block_size, source, use_cache=True, allow_e
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp.{os.getpid()}"
-        torch.save({"rows": out, "skipped": skipped.reasons}, tmp)
+        torch.save({"rows": out, "skipped": skipped.reasons, "cuts": skipped.cuts,
+                    "rows_cut": skipped.rows_cut, "shortest": skipped.shortest}, tmp)
         os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache folder: the run goes on without the cache

@@ -57,6 +57,15 @@ SCRIPT_CASES = [
     ("dataset_truncated_json", "dpo.py", ["--dataset={d}/truncated.jsonl", "--init_from=scratch", "--loss_type=orpo"],
      "JSON parse error"),
     ("compile_not_bool", "dpo.py", ["--compile=yes"], "compile='yes' makes no sense"),
+    # a block_size that fits no row whole: every row would be cut (the shortest of the embedded task's
+    # 7,100 training rows is '10+92=' '2' EOS, 8 tokens; test_data counts it independently)
+    ("block_size_fits_no_row", "sft.py", ["--block_size=2"],
+     "embedded task: block_size=2 fits no row whole (every one of 7100 was cut); the shortest needs 8 "
+     "tokens (prompt + response + EOS): use --block_size=7 or more"),
+    ("dataset_rows_all_too_long", "dpo.py", ["--dataset={d}/long_pairs.jsonl", "--init_from=scratch",
+                                             "--loss_type=orpo", "--block_size=6"],
+     "long_pairs.jsonl: block_size=6 fits no row whole (every one of 2 was cut); the shortest needs 9 "
+     "tokens"),
     ("kto_precompute_ref", "dpo.py", ["--loss_type=kto", "--precompute_ref=True"],
      "precompute_ref applies to every loss but simpo, orpo, sft and kto, not 'kto' (kto's KL term pairs "
      "completions across each batch"),
@@ -99,6 +108,9 @@ def make_files(d):
         f.write(data[:len(data) // 2])
     (d / "not_utf8.jsonl").write_bytes(b'{"prompt": "1+1=", "completion": "2"}\n{"prompt": "a\xff", "completion": "3"}\n')
     (d / "truncated.jsonl").write_text('{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n{"prompt": "1+1=", "chos')
+    # "12+30=" + "42" + EOS: 9 tokens; "100+200=" + "3000" + EOS (the longer answer counts): 13
+    (d / "long_pairs.jsonl").write_text('{"prompt": "12+30=", "chosen": "42", "rejected": "41"}\n'
+                                        '{"prompt": "100+200=", "chosen": "300", "rejected": "3000"}\n')
     # model_args of one shape, weights of another (n_embd 32 vs 64)
     ckpt = checkpoint.load_checkpoint(str(d / "run" / "ckpt.pt"))
     ckpt["model"] = GPT(GPTConfig(**dict(TINY, n_embd=64))).state_dict()

@@ -313,3 +313,41 @@ def test_batch_order_refuses_another_dataset_on_resume():
     state = BatchOrder(10, seed=5).state_dict()
     with pytest.raises(UserError, match="over 10 rows with seed 5"):
         BatchOrder(11, seed=5).load_state_dict(state)
+
+
+def test_cut_rows_are_counted_by_how(byte_tok):
+    """Rows cut to fit block_size are counted per row and per way (prompt from the left, response
+    tail); rows that fit are not; `shortest` is the fewest tokens a row needed whole."""
+    rows = [{"prompt": "ab", "response": "xy"},              # 2 + 3 = 5 tokens: fits in 10
+            {"prompt": "abcdefgh", "response": "xyz"},       # 12: the prompt is cut to its last 5
+            {"prompt": "ab", "response": "0123456789"},      # 13: the response is cut
+            {"prompt": "abcdefgh", "response": "0123456789"}]  # 19: both
+    data, counter = encode_sft_rows(rows, byte_tok, block_size=9)
+    assert len(data) == 4 and counter.total() == 0
+    assert counter.rows_cut == 3
+    assert counter.cuts == {"prompt cut from the left": 2, "response cut": 2}
+    assert counter.truncated() == "3 rows (2 prompt cut from the left, 2 response cut)"
+    assert counter.shortest == 5
+    whole, counter = encode_sft_rows(rows[:1], byte_tok, block_size=9)
+    assert counter.truncated() == "none" and counter.rows_cut == 0
+
+
+def test_pairs_count_a_cut_row_once(byte_tok):
+    rows = [{"prompt": "p", "chosen": "abcdefgh", "rejected": "xy"}]  # 1 + 9: chosen cut at block_size 5
+    pairs, counter = encode_pair_rows(rows, byte_tok, block_size=5)
+    assert counter.rows_cut == 1 and counter.cuts == {"response cut": 1} and counter.shortest == 10
+
+
+def test_a_block_size_that_fits_no_row_stops_with_one_line(byte_tok):
+    from data import check_rows_fit
+    rows, _ = AdditionTask(2, 1000, 1234).sft_rows(0.6, 1, "every")
+    # the shortest row, counted here by hand: prompt + response + EOS, one byte token per character
+    shortest = min(len(r["prompt"]) + len(r["response"]) + 1 for r in rows)
+    data, counter = encode_sft_rows(rows, byte_tok, block_size=2)
+    with pytest.raises(UserError, match=rf"block_size=2 fits no row whole \(every one of {len(rows)} "
+                                        rf"was cut\); the shortest needs {shortest} tokens"):
+        check_rows_fit(data, counter, 2, "embedded task")
+    # one row that fits whole is enough
+    data, counter = encode_sft_rows(rows, byte_tok, block_size=shortest - 1)
+    check_rows_fit(data, counter, shortest - 1, "embedded task")
+    assert 0 < counter.rows_cut < len(data)
