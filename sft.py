@@ -236,7 +236,13 @@ for it in range(start_iter, max_iters + 1):
     logger.step(it, lr, grad_norm, time.time() - t0, guard.total)
 save(max_iters, results)
 logger.finish(guard.total)
+wall_s = time.time() - t_start
+last_line = (f"SFT done: {summary(results)} in {wall_s:.0f} s, peak RSS {peak_rss_mb():.0f} MB "
+             f"-> {os.path.join(out_dir, 'ckpt.pt')}")
+# out_dir/summary.json: the run in one file (results, speed, settings, git commit)
+logger.write_summary(out_dir, config, results, last_line, wall_s, training_rows=len(train_data),
+                     skipped=str(skipped), truncated=skipped.truncated(),
+                     nonfinite_skipped=guard.total)
 if process.master:
-    print(f"SFT done: {summary(results)} in {time.time() - t_start:.0f} s, "
-          f"peak RSS {peak_rss_mb():.0f} MB -> {os.path.join(out_dir, 'ckpt.pt')}")
+    print(last_line)
 runtime.cleanup(process)

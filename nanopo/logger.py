@@ -81,6 +81,14 @@ class Logger:
                       f"{self.peak / 1e9:,.1f} GFLOP/s ({note})")
         self.t_start, self.sums, self.names, self.tokens, self.step_ms = time.time(), None, [], 0, []
         self.graphs = None
+        # for summary.json: the evaluation before the first step (the starting model), and the tokens and
+        # step seconds of every logged step, over all ranks
+        self.start_results = None
+        self.run_tokens = 0.0
+        self.run_seconds = 0.0
+        if rt.master and start_iter > 0 and os.path.exists(os.path.join(out_dir, "summary.json")):
+            with open(os.path.join(out_dir, "summary.json")) as f:
+                self.start_results = json.load(f).get("start_results")
 
     def log(self, record):
         """Append one record to metrics.jsonl (rank 0); a non-finite value is written as null, not NaN."""
@@ -100,6 +108,8 @@ class Logger:
         """Log and print held-out results (nothing when there are none)."""
         if not results:
             return
+        if it == 0:
+            self.start_results = dict(results)
         self.log({"iter": it, **results})
         if self.rt.master:
             shown = ", ".join(f"{k} {v:.1%}" if k == "task_accuracy" else f"{k} {v:.4f}" for k, v in results.items())
@@ -131,6 +141,8 @@ class Logger:
             self.log(record)
             if self.rt.master:
                 print(self.line(record, totals[-1].item()), flush=True)
+            self.run_tokens += totals[-1].item()
+            self.run_seconds += sum(self.step_ms) / 1000
             self.tokens, self.step_ms = 0, []
         self.sums = None
 
@@ -164,6 +176,48 @@ class Logger:
             print(f"torch.compile: {compiled_graphs() - self.graphs} recompiles after the first step")
         if nonfinite_skipped and self.rt.master:
             print(f"{nonfinite_skipped} update(s) skipped for non-finite values")
+
+
+    def write_summary(self, out_dir, config, results, last_line, wall_s, **extra):
+        """out_dir/summary.json (rank 0), one file to read a run by: the final held-out results and the
+        starting ones (the evaluation before the first step), wall time, peak memory, tokens per second
+        and MFU over the timed steps, the settings, the code's git commit, and the run's last stdout
+        line. Written atomically: a reader never sees half a file."""
+        if not self.rt.master:
+            return
+        tokens_per_s = self.run_tokens / self.run_seconds if self.run_seconds else None
+        mfu = None
+        if tokens_per_s and self.peak:
+            mfu = tokens_per_s * self.flops_per_token / self.rt.world_size / self.peak
+        summary_record = {"results": results, "start_results": self.start_results,
+                          "wall_s": round(wall_s, 1), "peak_rss_mb": round(peak_rss_mb()),
+                          "tokens_per_s": tokens_per_s, "mfu": mfu, **extra,
+                          "git_commit": git_commit(), "config": config, "last_line": last_line}
+        path = os.path.join(out_dir, "summary.json")
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(summary_record, f, indent=2)
+        os.replace(tmp, path)
+
+
+def git_commit():
+    """The commit of the code that runs (with '+changes' when the checkout has uncommitted edits), or
+    None outside a git checkout."""
+    import subprocess
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = head.stdout.strip()
+    if status.stdout.strip():
+        commit += "+changes"
+    return commit
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ LAYERS = ["configurator", "model", "data", "logprobs", "losses", "nanopo.lora", 
           "nanopo.logger", "nanopo.tasks", "nanopo.formats", "nanopo.kto", "nanopo.checkpoint",
           "bench.measure"]
 SCRIPTS = ["sft.py", "dpo.py", "sample.py", "scripts/online_dpo.py", "scripts/export_hf.py",
-           "scripts/plot.py", "bench/step_time.py", "bench/memory.py", "bench/threads.py"]
+           "scripts/plot.py", "scripts/compare.py", "bench/step_time.py", "bench/memory.py",
+           "bench/threads.py"]
 PACKAGES = ["nanopo", "bench", "scripts"]
 # what a learner reads and runs: the only .py files at the top level
 LESSON = {"model.py", "data.py", "losses.py", "logprobs.py", "sft.py", "dpo.py", "configurator.py",
@@ -59,6 +60,14 @@ def test_the_top_level_is_the_lesson():
     for folder in PACKAGES + ["docs", "tests", "notebooks", "config"]:
         assert os.path.isdir(os.path.join(REPO, folder)), folder
     assert len([f for f in os.listdir(os.path.join(REPO, "docs")) if f.endswith(".md")]) >= 3
+
+
+def test_the_readme_is_a_tutorial_of_at_most_450_lines():
+    """Lab notes go to docs/; the README keeps the tutorial and a file tree."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = f.read()
+    assert len(readme.splitlines()) <= 450
+    assert "## The files" in readme and "├── dpo.py" in readme
 
 
 def test_every_module_is_in_the_layer_list():

@@ -102,3 +102,54 @@ def test_each_loss_writes_its_own_folder(sft_ckpt, tmp_path, script_env):
     assert refused.returncode != 0 and refused.stderr.strip().splitlines() == [
         f"error: out_dir={os.path.dirname(sft_ckpt)} holds the SFT checkpoint this run starts from: it would be "
         "overwritten; choose another --out_dir"]
+
+
+def test_summary_json_agrees_with_the_last_line_and_the_log(sft_ckpt, repo_root, tmp_path, capsys):
+    """dpo.py's out_dir/summary.json: the same last line it printed, the final and starting held-out
+    results as metrics.jsonl logged them at the last and the first evaluation, the settings, the git
+    commit of this checkout, and a speed."""
+    import json
+    out_dir = tmp_path / "dpo"
+    g = run_script(repo_root, "dpo.py", DPO + ["--n_eval=20", f"--sft_ckpt={sft_ckpt}",
+                                               f"--out_dir={out_dir}"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    with open(out_dir / "summary.json") as f:
+        summary = json.load(f)
+    assert summary["last_line"] == last and last.startswith("DPO done: held-out task_accuracy ")
+    with open(out_dir / "metrics.jsonl") as f:
+        evals = [r for r in map(json.loads, f) if "task_accuracy" in r]
+    assert summary["results"] == {"task_accuracy": evals[-1]["task_accuracy"]}
+    assert summary["start_results"] == {"task_accuracy": evals[0]["task_accuracy"]}
+    # the line shows both, as percentages: '... 45.0% (SFT) -> 50.0% in ...'
+    shown = re.search(r"task_accuracy ([\d.]+)% \(SFT\) -> ([\d.]+)%", last).groups()
+    assert shown == (f"{summary['sft_accuracy']:.1%}"[:-1], f"{evals[-1]['task_accuracy']:.1%}"[:-1])
+    assert summary["config"] == g["config"] and summary["training_rows"] == len(g["train_data"])
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert summary["git_commit"].split("+")[0] == head.stdout.strip()
+    assert summary["tokens_per_s"] > 0 and 0 < summary["mfu"] <= 1
+    assert summary["wall_s"] <= float(re.search(r" in (\d+) s,", last).group(1)) + 1
+
+
+def test_compare_prints_one_row_per_run(tmp_path, repo_root, script_env):
+    """scripts/compare.py's table, from summary.json files written here by hand."""
+    import json
+    runs = {"dpo_b1": ({"loss_type": "dpo", "beta": 1.0}, {"task_accuracy": 0.965}, 12.0),
+            "ipo_b05": ({"loss_type": "ipo", "beta": 0.5}, {"task_accuracy": 0.9}, 30.4),
+            "kto": ({"loss_type": "kto", "beta": 0.1}, {"eval_loss": 0.25, "kl": 0.125}, 7.0)}
+    for name, (config, results, wall) in runs.items():
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "summary.json", "w") as f:
+            json.dump({"config": config, "results": results, "start_results": {"task_accuracy": 0.45},
+                       "wall_s": wall}, f)
+    os.makedirs(tmp_path / "unfinished")
+    run = subprocess.run([sys.executable, "-m", "scripts.compare", *[str(tmp_path / n) for n in
+                          (*runs, "unfinished")]], cwd=repo_root, env=script_env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].split() == ["run", "loss", "beta", "held-out", "from", "kl", "time"]
+    assert lines[1].split()[1:] == ["dpo", "1.0", "task_accuracy", "96.5%", "45.0%", "-", "12", "s"]
+    assert lines[2].split()[1:] == ["ipo", "0.5", "task_accuracy", "90.0%", "45.0%", "-", "30", "s"]
+    assert lines[3].split()[1:] == ["kto", "0.1", "eval_loss", "0.2500", "-", "0.1250", "7", "s"]
+    assert "no summary.json" in lines[4]
