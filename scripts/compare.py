@@ -25,6 +25,7 @@ def load_summary(run_dir):
 
 
 def format_value(key, value):
+    """A table cell: accuracies as percentages, other values to 4 decimals, '-' when unknown."""
     if value is None:
         return "-"
     if key == "task_accuracy" or key.endswith("accuracies"):
