@@ -9,11 +9,13 @@ $ python dpo.py config/simpo.py           # a loss with its own recipe (see conf
 $ python dpo.py --loss_type=sft           # the honest baseline: continued SFT on the chosen answers
 $ python dpo.py config/lora.py            # LoRA: the reference is the policy without its adapters
 $ python dpo.py --loss_type=dpo+bco+sft --loss_weights=0.8,0.2,1.0   # a weighted sum (MPO)
+$ python dpo.py --report_to=tensorboard   # also to TensorBoard (or wandb, trackio)
 $ torchrun --standalone --nproc_per_node=2 dpo.py    # DDP; the global batch stays the same
 
 Top to bottom: the settings; 1. the policy and its frozen copy, the reference; 2. the pairs; 3. the
 log-probs of a batch, and where the reference's come from; 4. the loss of a micro-batch
-(compute_loss); 5. the training loop; the summary line.
+(compute_loss); 5. the training loop; the summary line. SIGTERM or Ctrl-C during training saves a
+checkpoint after the current step; --init_from=resume continues exactly.
 """
 
 import os
@@ -36,7 +38,8 @@ from logprobs import (average_logps, concatenated_logps, concatenated_tokens, lo
                       logps_table, prefix_shared_logps, prefix_shared_tokens)
 from nanopo import checkpoint, kto, runtime
 from nanopo.formats import cached_encode, dataset_kind, load_splits, write_jsonl
-from nanopo.logger import Logger, model_flops_per_token, peak_rss_mb, summary
+from nanopo.logger import (Logger, Trackers, check_report_to, model_flops_per_token, peak_rss_mb,
+                           summary)
 from nanopo.tasks import (AdditionTask, AnswerTask, complete, evaluate_loss, evaluate_task,
                           judged_pairs)
 
@@ -58,6 +61,10 @@ log_interval = 10
 checkpoint_interval = 0
 always_save_checkpoint = False
 keep_last = 1
+# experiment trackers (nanopo/trackers.py): they get what metrics.jsonl gets
+report_to = "none"        # 'wandb', 'tensorboard' or 'trackio', comma-separated for several
+run_name = ""             # the run's name in the trackers; '' = out_dir
+project = "nanopo"        # the wandb / trackio project
 # the loss
 loss_type = "dpo"         # dpo | ipo | simpo | orpo | kto | sft | ... (losses.LOSSES); a+b: a sum
 loss_weights = ""         # a combination's weights, e.g. '0.8,0.2,1.0'; '' = all 1
@@ -130,6 +137,8 @@ config = apply_overrides(globals())
 # nonsense values (batch_size=0, ...) stop here, in one line, as does an option the loss ignores
 check_config(config)
 losses.check_loss_options(config)
+# a tracker that is not installed stops the run now, not after the pairs are built
+check_report_to(report_to)
 # 'dpo' -> ['dpo'], [1.0]; 'dpo+sft' with loss_weights '0.8,1' -> ['dpo', 'sft'], [0.8, 1.0]
 loss_names, loss_weights = losses.parse_loss_type(loss_type, loss_weights)
 if not out_dir:
@@ -451,7 +460,10 @@ elif prefix_sharing:
 else:
     count_tokens = concatenated_tokens
 flops_per_token = model_flops_per_token(policy, train_data, forward_only, logprob_kind)
-logger = Logger(out_dir, process, start_iter, max_iters, log_interval, flops_per_token, compile)
+# --report_to: the trackers (rank 0 only) get every record metrics.jsonl gets
+trackers = Trackers(report_to, out_dir, run_name, project, config, start_iter, process.master)
+logger = Logger(out_dir, process, start_iter, max_iters, log_interval, flops_per_token, compile,
+                trackers)
 if process.master:
     print(f"loss_type {loss_type}: {1 + isinstance(reference, torch.nn.Module)} model(s) in memory")
 
@@ -477,6 +489,9 @@ def save(it, results):
                         **bco_reward_mean.state_dict(), **reference_sync.state_dict(), **results)
 
 
+# From here on, SIGTERM (a scheduler's notice) or a first Ctrl-C stops the run after the step it
+# interrupts, with a checkpoint; a second Ctrl-C stops it at once
+stop = runtime.StopOnSignal()
 results = {}
 for it in range(start_iter, max_iters + 1):
     if it % eval_interval == 0 or it == max_iters:
@@ -523,15 +538,22 @@ for it in range(start_iter, max_iters + 1):
     optimizer.zero_grad(set_to_none=True)
     reference_sync.after_step(it)  # TR-DPO
     logger.step(it, lr, grad_norm, time.time() - t0, guard.total)
+    # a signal came: every rank saves the checkpoint after this step, then the run exits
+    if stop.requested(process):
+        save(it + 1, results)
+        logger.close()
+        stop.exit(process, it + 1, max_iters, os.path.join(out_dir, "ckpt.pt"))
 save(max_iters, results)
 logger.finish(guard.total)
 wall_s = time.time() - t_start
 last_line = (f"{loss_type.upper()} done: {summary(results, start.sft_accuracy)} in {wall_s:.0f} s, "
              f"peak RSS {peak_rss_mb():.0f} MB -> {os.path.join(out_dir, 'ckpt.pt')}")
 # out_dir/summary.json: the run in one file (results, speed, settings, git commit)
-logger.write_summary(out_dir, config, results, last_line, wall_s, sft_accuracy=start.sft_accuracy,
-                     training_rows=len(train_data), skipped=str(skipped),
-                     truncated=skipped.truncated(), nonfinite_skipped=guard.total)
+run_summary = logger.write_summary(out_dir, config, results, last_line, wall_s,
+                                   sft_accuracy=start.sft_accuracy,
+                                   training_rows=len(train_data), skipped=str(skipped),
+                                   truncated=skipped.truncated(), nonfinite_skipped=guard.total)
+logger.close(run_summary)
 if process.master:
     print(last_line)
 runtime.cleanup(process)

@@ -27,7 +27,8 @@ from logprobs import completion_logps, logprob_path
 from losses import sft_loss
 from nanopo import checkpoint, runtime
 from nanopo.formats import cached_encode, load_splits
-from nanopo.logger import Logger, model_flops_per_token, peak_rss_mb, summary
+from nanopo.logger import (Logger, Trackers, check_report_to, model_flops_per_token, peak_rss_mb,
+                           summary)
 from nanopo.tasks import AdditionTask, AnswerTask, evaluate_loss, evaluate_task, gsm8k_answer
 
 # bad input ends the run with one line, not a traceback
@@ -49,6 +50,10 @@ init_from = "scratch"     # 'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2', 'gpt2
 checkpoint_interval = 0   # also checkpoint every N iters (0: only at the end)
 always_save_checkpoint = False  # also checkpoint at every evaluation
 keep_last = 1             # > 1: keep the newest K checkpoints as ckpt_<iter>.pt besides ckpt.pt
+# experiment trackers (nanopo/trackers.py): they get what metrics.jsonl gets
+report_to = "none"        # 'wandb', 'tensorboard' or 'trackio', comma-separated for several
+run_name = ""             # the run's name in the trackers; '' = out_dir
+project = "nanopo"        # the wandb / trackio project
 # data: the embedded task, or a dataset (README: "Your own data")
 dataset = ""              # '' = the embedded task; else a hub name or a .jsonl/.json/.parquet file
 dataset_format = ""       # '' = detect from the columns; or prompt_completion, messages, gsm8k, ...
@@ -93,6 +98,8 @@ grad_checkpoint = False   # True: recompute blocks in backward; 'selective': Lay
 config = apply_overrides(globals())
 # nonsense values (batch_size=0, ...) stop here, in one line
 check_config(config)
+# a tracker that is not installed stops the run now, not after the data is read
+check_report_to(report_to)
 # --------------------------------------------------------------------------------------------------
 t_start = time.time()
 # where this process runs: its device and dtype, and its rank in a DDP job
@@ -189,7 +196,13 @@ if start.run_to_resume:
     start_iter, guard.total = checkpoint.resume(path, saved, model, optimizer, order, scaler,
                                                 process, max_iters)
 flops_per_token = model_flops_per_token(model, train_data, logprobs=logprob_kind)  # for MFU
-logger = Logger(out_dir, process, start_iter, max_iters, log_interval, flops_per_token, compile)
+# --report_to: the trackers (rank 0 only) get every record metrics.jsonl gets
+trackers = Trackers(report_to, out_dir, run_name, project, config, start_iter, process.master)
+logger = Logger(out_dir, process, start_iter, max_iters, log_interval, flops_per_token, compile,
+                trackers)
+# From here on, SIGTERM (a scheduler's notice) or a first Ctrl-C stops the run after the step it
+# interrupts, with a checkpoint; a second Ctrl-C stops it at once
+stop = runtime.StopOnSignal()
 results = {}
 for it in range(start_iter, max_iters + 1):
     if it % eval_interval == 0 or it == max_iters:
@@ -234,15 +247,21 @@ for it in range(start_iter, max_iters + 1):
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     logger.step(it, lr, grad_norm, time.time() - t0, guard.total)
+    # a signal came: every rank saves the checkpoint after this step, then the run exits
+    if stop.requested(process):
+        save(it + 1, results)
+        logger.close()
+        stop.exit(process, it + 1, max_iters, os.path.join(out_dir, "ckpt.pt"))
 save(max_iters, results)
 logger.finish(guard.total)
 wall_s = time.time() - t_start
 last_line = (f"SFT done: {summary(results)} in {wall_s:.0f} s, peak RSS {peak_rss_mb():.0f} MB "
              f"-> {os.path.join(out_dir, 'ckpt.pt')}")
 # out_dir/summary.json: the run in one file (results, speed, settings, git commit)
-logger.write_summary(out_dir, config, results, last_line, wall_s, training_rows=len(train_data),
-                     skipped=str(skipped), truncated=skipped.truncated(),
-                     nonfinite_skipped=guard.total)
+run_summary = logger.write_summary(out_dir, config, results, last_line, wall_s,
+                                   training_rows=len(train_data), skipped=str(skipped),
+                                   truncated=skipped.truncated(), nonfinite_skipped=guard.total)
+logger.close(run_summary)
 if process.master:
     print(last_line)
 runtime.cleanup(process)

@@ -7,6 +7,7 @@ policy with its adapters switched off (AdaptersOff, from lora.py), and a referen
 policy during training (ReferenceSync, TR-DPO), whose weights the checkpoints carry once it has moved.
 """
 
+import contextlib
 import glob
 import os
 import random
@@ -52,15 +53,38 @@ def save_checkpoint(path, model, config, tokenizer, model_state=None, **extra):
     ckpt = {"format_version": CHECKPOINT_FORMAT, "model": model_state, "model_args": asdict(raw.config),
             "config": config, "tokenizer": tokenizer, **({"lora": lora} if lora else {}), **extra}
     folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    for stale in glob.glob(glob.escape(path) + ".tmp.*"):  # left by a run killed mid-write: never a checkpoint
-        os.remove(stale)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for stale in glob.glob(glob.escape(path) + ".tmp.*"):  # left by a run killed mid-write
+            os.remove(stale)
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # A full disk, a lost permission, a quota: the previous ckpt.pt was never touched. Say why in
+        # one line, and leave no partial file behind.
+        cause = os_error_in(e)
+        if cause is None:
+            raise
+        if os.path.exists(tmp):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        raise UserError(f"could not save {path}: {cause}; the previous checkpoint there, if any, "
+                        "is intact") from None
+
+
+def os_error_in(e):
+    """The operating system's reason behind a failed write, 'No space left on device (errno 28)', or
+    None if there is none: torch.save reports a failed write as a RuntimeError of its own, with the
+    OSError as its context."""
+    while e is not None:
+        if isinstance(e, OSError):
+            return f"{e.strerror or e} (errno {e.errno})" if e.errno else str(e)
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def load_checkpoint(path, tokenizer=None, missing_hint="run sft.py first, or pass --sft_ckpt=..."):
@@ -243,7 +267,13 @@ def save_run(cfg, iter_num, model, optimizer, order, scaler, tokenizer, rt=SINGL
         try:
             os.link(path, numbered)
         except OSError:  # a filesystem without hard links: a second copy
-            shutil.copyfile(path, numbered)
+            try:
+                shutil.copyfile(path, numbered)
+            except OSError as e:
+                if os.path.exists(numbered):
+                    os.remove(numbered)
+                raise UserError(f"could not save {numbered}: {os_error_in(e)}; {path} is saved "
+                                "and intact") from None
         # by iteration, as numbers; ones past this iteration are another timeline's (an earlier, longer run in
         # this out_dir, or the future of a checkpoint resumed from), never this run's newest
         found = {}

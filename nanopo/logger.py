@@ -18,6 +18,8 @@ import time
 import torch
 
 from nanopo.runtime import all_reduce_sum, compiled_graphs
+# re-exported: the scripts open the trackers and hand them to Logger
+from nanopo.trackers import Trackers, check_report_to  # noqa: F401
 
 PROGRESS_AFTER = 3.0   # seconds a loop runs before it prints progress lines
 PROGRESS_EVERY = 5.0   # seconds between them
@@ -53,11 +55,13 @@ class Logger:
     """metrics.jsonl and the stdout lines of a training loop. A fresh run starts a fresh file; a resumed run keeps
     the records from before its checkpoint (iter < start_iter) and drops any logged after it, so the file reads
     as one uninterrupted run. The schema is in the README. Every rank calls every method (the metrics are
-    all-reduced on log steps); only rank 0 writes and prints."""
+    all-reduced on log steps); only rank 0 writes and prints. `trackers` (nanopo/trackers.py, --report_to)
+    get every record metrics.jsonl gets, and the summary."""
 
-    def __init__(self, out_dir, rt, start_iter, max_iters, log_interval, flops_per_token=0.0, compile=False):
+    def __init__(self, out_dir, rt, start_iter, max_iters, log_interval, flops_per_token=0.0, compile=False,
+                 trackers=None):
         self.rt, self.start_iter, self.max_iters, self.log_interval = rt, start_iter, max_iters, log_interval
-        self.flops_per_token, self.compile = flops_per_token, compile
+        self.flops_per_token, self.compile, self.trackers = flops_per_token, compile, trackers
         self.path = os.path.join(out_dir, "metrics.jsonl")
         if rt.master:
             os.makedirs(out_dir, exist_ok=True)
@@ -86,9 +90,12 @@ class Logger:
         self.start_results = None
         self.run_tokens = 0.0
         self.run_seconds = 0.0
-        if rt.master and start_iter > 0 and os.path.exists(os.path.join(out_dir, "summary.json")):
-            with open(os.path.join(out_dir, "summary.json")) as f:
-                self.start_results = json.load(f).get("start_results")
+        if rt.master and start_iter > 0:
+            # a resumed run: the starting evaluation is the kept record of iter 0 without a step's "lr"
+            for line in kept:
+                record = json.loads(line)
+                if record.get("iter") == 0 and "lr" not in record:
+                    self.start_results = {k: v for k, v in record.items() if k != "iter"}
 
     def log(self, record):
         """Append one record to metrics.jsonl (rank 0); a non-finite value is written as null, not NaN."""
@@ -96,6 +103,8 @@ class Logger:
             record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(record)
 
     def progress(self, it):
         """'iter 50/100 ... 0:03 elapsed, eta 0:04': the eta from the wall time per step so far (evaluations and
@@ -198,6 +207,16 @@ class Logger:
         with open(tmp, "w") as f:
             json.dump(summary_record, f, indent=2)
         os.replace(tmp, path)
+        return summary_record
+
+    def close(self, summary_record=None):
+        """The trackers get the summary (without the settings, which they got at the start) and are
+        closed: their last records written, their runs marked finished."""
+        if self.trackers is None:
+            return
+        if summary_record is not None:
+            summary_record = {k: v for k, v in summary_record.items() if k != "config"}
+        self.trackers.close(summary_record)
 
 
 def git_commit():

@@ -10,7 +10,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -112,8 +114,9 @@ def check_same_on_all_ranks(rows, rt):
                         "here): run in one process")
 
 
-def cleanup(rt):
-    """The last call of a script: under DDP / FSDP, leave the process group and end the process."""
+def cleanup(rt, exit_code=0):
+    """The last call of a script: under DDP / FSDP, leave the process group and end the process (with
+    `exit_code`; in one process the script's own end, or sys.exit, sets it)."""
     if rt.ddp:
         # wait for rank 0's last checkpoint write: a rank that tears gloo down while another still uses it can
         # abort at exit ("terminate called without an active exception")
@@ -124,7 +127,7 @@ def cleanup(rt):
         # exit -- 4 of 40 two-process FSDP runs did, 0 of 40 with this exit. Everything is written and closed.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
+        os._exit(exit_code)
 
 
 class RunningMean:
@@ -354,3 +357,53 @@ class NonFiniteGuard:
             raise UserError(f"{self.in_a_row} non-finite steps in a row at iter {it}: stopping (lower "
                             "learning_rate, or check the data); the last checkpoint is intact")
         return False
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Stopping on a signal: SIGTERM (a scheduler's or a spot machine's notice) or Ctrl-C
+
+# The exit code of a run that saved a checkpoint and stopped on a signal: EX_TEMPFAIL from sysexits.h,
+# "a temporary failure, run again", so a job script can tell it from success (0), bad input (1) and a
+# crash, and requeue the job with --init_from=resume.
+STOPPED_EXIT_CODE = 75
+# torchrun passes the Ctrl-C its workers already got from the terminal on to them: a second SIGINT
+# this soon after the first is that copy, not a second press.
+SAME_PRESS_SECONDS = 1.0
+
+
+class StopOnSignal:
+    """SIGTERM, or a first Ctrl-C (SIGINT), asks the run to stop at the next step boundary rather than
+    die mid-step: the loop asks requested() after each step, saves a checkpoint there and calls exit().
+    A second Ctrl-C stops at once (KeyboardInterrupt), saving nothing. Every rank asks, and they agree:
+    a signal that reached any rank stops all of them after the same step. Clusters send SIGKILL a grace
+    period after SIGTERM (torchrun: 30 s), so a step plus a save must fit in it."""
+
+    def __init__(self):
+        self.received = None   # the first signal's name, 'SIGTERM' or 'SIGINT'
+        self.first_at = 0.0    # and when it came (time.monotonic)
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        now = time.monotonic()
+        if self.received is None:
+            self.received, self.first_at = signal.Signals(signum).name, now
+        elif signum == signal.SIGINT and now - self.first_at > SAME_PRESS_SECONDS:
+            raise KeyboardInterrupt("a second Ctrl-C: stopped at once, nothing saved")
+
+    def requested(self, rt):
+        """Whether any rank got a signal (a collective under DDP: every rank must call it)."""
+        flag = torch.tensor([float(self.received is not None)], device=rt.device)
+        return all_reduce_sum(flag, rt).item() > 0
+
+    def exit(self, rt, it, max_iters, path):
+        """After the checkpoint of iteration `it` is saved at `path`: one line, then exit with
+        STOPPED_EXIT_CODE on every rank."""
+        if rt.master:
+            # a rank that got no signal itself learnt of it from another
+            name = self.received or "a signal to another rank"
+            print(f"stopped by {name} at iter {it}/{max_iters}: saved {path}; run the same command "
+                  "with --init_from=resume to continue", flush=True)
+        if rt.ddp:
+            cleanup(rt, STOPPED_EXIT_CODE)
+        sys.exit(STOPPED_EXIT_CODE)

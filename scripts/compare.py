@@ -1,10 +1,13 @@
 """
 Compare runs at a glance: one row per run folder, read from its summary.json (which sft.py and dpo.py
 write at the end): the loss, beta, the held-out result the run ended on and where it started, KL where a
-run measured one, and the wall time.
+run measured one, and the wall time. With --kl=N, a dpo.py run on the embedded task gets its KL to the SFT
+model it started from, estimated now from samples on N held-out prompts (nanopo/tasks.py's sampled_kl, 4
+draws each, on the CPU, seed 0; seconds per run for the embedded task's small models).
 
 $ python -m scripts.compare out/dpo out/ipo out/simpo       # named folders
 $ python -m scripts.compare out/sweep/*                      # a sweep: every run in it
+$ python -m scripts.compare --kl=500 out/sft out/sweep/*     # and each run's sampled KL to its SFT model
 """
 
 import json
@@ -33,8 +36,34 @@ def format_value(key, value):
     return f"{value:.4f}"
 
 
-def table(run_dirs):
-    """The comparison table as a list of text lines: a header, then one row per run folder."""
+def sampled_kl_to_sft(run_dir, n_prompts, draws=4):
+    """KL(policy || SFT model) in nats per answer for a dpo.py run on the embedded task, from samples of
+    the run's final policy on the first n_prompts held-out problems; None for any other run (an SFT
+    run, a run on a dataset, one whose checkpoint or SFT checkpoint is gone)."""
+    import torch
+    from data import Tokenizer
+    from nanopo.checkpoint import load_checkpoint, model_from_checkpoint, task_settings
+    from nanopo.tasks import AdditionTask, sampled_kl
+    path = os.path.join(run_dir, "ckpt.pt")
+    if not os.path.exists(path):
+        return None
+    run = load_checkpoint(path)
+    sft_path = run["config"].get("sft_ckpt")
+    if not sft_path or run["config"].get("dataset") or not os.path.exists(sft_path):
+        return None
+    sft = load_checkpoint(sft_path)
+    task = AdditionTask(**task_settings(sft["config"]))
+    policy = model_from_checkpoint(run, path, dropout=0.0)
+    sft_model = model_from_checkpoint(sft, sft_path, dropout=0.0)
+    with torch.no_grad():
+        point = sampled_kl(policy, sft_model, task, Tokenizer(sft["tokenizer"]), n_prompts,
+                           task.max_new_tokens, draws=draws)
+    return point["kl"]
+
+
+def table(run_dirs, kl_prompts=0):
+    """The comparison table as a list of text lines: a header, then one row per run folder. With
+    kl_prompts > 0, a run that measured no KL gets sampled_kl_to_sft's."""
     header = ["run", "loss", "beta", "held-out", "from", "kl", "time"]
     rows = []
     for run_dir in run_dirs:
@@ -54,6 +83,8 @@ def table(run_dirs):
             started = format_value(key, start.get(key))
         # KL to the reference where the run measured one (KTO's reference point, online rounds)
         kl = results.get("kl", results.get("eval_kl"))
+        if kl is None and kl_prompts > 0:
+            kl = sampled_kl_to_sft(run_dir, kl_prompts)
         loss = config.get("loss_type", "sft (SFT run)")
         beta = config.get("beta", "-")
         rows.append([name, loss, str(beta), held_out, started, format_value("kl", kl),
@@ -65,6 +96,13 @@ def table(run_dirs):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: python -m scripts.compare RUN_DIR [RUN_DIR ...]")
-    print("\n".join(table(sys.argv[1:])))
+    kl_prompts = 0
+    run_dirs = []
+    for arg in sys.argv[1:]:
+        if arg.startswith("--kl="):
+            kl_prompts = int(arg.split("=", 1)[1])
+        else:
+            run_dirs.append(arg)
+    if not run_dirs:
+        sys.exit("usage: python -m scripts.compare [--kl=N] RUN_DIR [RUN_DIR ...]")
+    print("\n".join(table(run_dirs, kl_prompts)))

@@ -18,10 +18,13 @@ $ python -m scripts.online_dpo --reference=previous              # each round's 
 $ python -m scripts.online_dpo --dpo_args="--loss_type=ipo --beta=0.5"   # any dpo.py setting, for every round
 $ python -m scripts.online_dpo --nproc=2                         # each round under torchrun on 2 processes
 Interrupted? Run the same command again: finished rounds are kept, an unfinished one resumes from its checkpoint.
+SIGTERM or a first Ctrl-C reaches the running round, which saves a checkpoint after its current step; this script
+then exits with dpo.py's code for it (75, as dpo.py does).
 """
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 
@@ -31,8 +34,8 @@ from nanopo.checkpoint import load_checkpoint, model_from_checkpoint, task_setti
 from configurator import apply_overrides
 from data import Tokenizer
 from configurator import UserError, install_error_handler
-from nanopo.tasks import sampled_kl
-from nanopo.tasks import AdditionTask
+from nanopo import runtime
+from nanopo.tasks import AdditionTask, sampled_kl
 
 install_error_handler()
 # -----------------------------------------------------------------------------------------------------------
@@ -58,6 +61,24 @@ if rounds < 1 or n_pairs < rounds or max_iters < rounds:
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_round(command):
+    """Run one round's dpo.py and return its exit code. SIGTERM or Ctrl-C sent to this script is passed
+    on to the round as SIGTERM: the round saves a checkpoint after its current step and exits with
+    runtime.STOPPED_EXIT_CODE (a Ctrl-C at the terminal reaches the round itself too; SIGTERM after it does not
+    count as a second press)."""
+    proc = subprocess.Popen(command)
+
+    def pass_on(signum, frame):
+        proc.send_signal(signal.SIGTERM)
+
+    before = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def finished(round_dir, iters):
     """Whether round_dir holds a checkpoint written at the end of the round."""
     path = os.path.join(round_dir, "ckpt.pt")
@@ -79,7 +100,11 @@ for k in range(1, rounds + 1):
         launcher = [sys.executable] if nproc == 1 else ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
         print(f"round {k}/{rounds}: $ {' '.join(['python' if nproc == 1 else ' '.join(launcher), 'dpo.py', *args])}",
               flush=True)
-        if subprocess.run(launcher + [os.path.join(root, "dpo.py"), *args]).returncode != 0:
+        code = run_round(launcher + [os.path.join(root, "dpo.py"), *args])
+        if code == runtime.STOPPED_EXIT_CODE:
+            print(f"online rounds stopped in round {k}/{rounds}; run the same command again to continue")
+            sys.exit(runtime.STOPPED_EXIT_CODE)
+        if code != 0:
             raise UserError(f"round {k} failed (its output is above); run the same command again to resume it")
     start = os.path.join(round_dir, "ckpt.pt")  # the next round's policy starts here
 final = torch.load(start, map_location="cpu", weights_only=True)

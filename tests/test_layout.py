@@ -14,6 +14,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # lowest first: a module may import only modules listed before it (the README's "import downwards only")
 LAYERS = ["configurator", "model", "data", "logprobs", "losses", "nanopo.lora", "nanopo.runtime",
+          "nanopo.trackers",
           "nanopo.logger", "nanopo.tasks", "nanopo.formats", "nanopo.kto", "nanopo.checkpoint",
           "bench.measure"]
 SCRIPTS = ["sft.py", "dpo.py", "sample.py", "scripts/online_dpo.py", "scripts/export_hf.py",

@@ -153,3 +153,28 @@ def test_compare_prints_one_row_per_run(tmp_path, repo_root, script_env):
     assert lines[2].split()[1:] == ["ipo", "0.5", "task_accuracy", "90.0%", "45.0%", "-", "30", "s"]
     assert lines[3].split()[1:] == ["kto", "0.1", "eval_loss", "0.2500", "-", "0.1250", "7", "s"]
     assert "no summary.json" in lines[4]
+
+
+def test_compare_measures_kl_to_the_sft_model(tmp_path, repo_root, script_env):
+    """--kl=N: a run whose policy never moved (0 steps) is at KL 0 from its SFT model, exactly (every
+    sampled answer has the same log-prob under both); one that trained is above 0; the SFT run itself
+    has no SFT model to compare with."""
+    tiny = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_eval=50", "--device=cpu"]
+    sft = subprocess.run([sys.executable, "sft.py", *tiny, "--max_iters=30", "--eval_interval=100",
+                          f"--out_dir={tmp_path / 'sft'}"], cwd=repo_root, env=script_env,
+                         capture_output=True, text=True, timeout=120)
+    assert sft.returncode == 0, sft.stderr
+    for name, steps in (("still", 0), ("moved", 40)):
+        dpo = subprocess.run([sys.executable, "dpo.py", "--n_pairs=64", "--batch_size=16",
+                              f"--max_iters={steps}", "--eval_interval=100", "--n_eval=50",
+                              "--learning_rate=1e-2", "--min_lr=1e-2",
+                              f"--sft_ckpt={tmp_path / 'sft' / 'ckpt.pt'}",
+                              f"--out_dir={tmp_path / name}"], cwd=repo_root, env=script_env,
+                             capture_output=True, text=True, timeout=120)
+        assert dpo.returncode == 0, dpo.stderr
+    run = subprocess.run([sys.executable, "-m", "scripts.compare", "--kl=50",
+                          *[str(tmp_path / n) for n in ("sft", "still", "moved")]], cwd=repo_root,
+                         env=script_env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    kl = [line.split()[-3] for line in run.stdout.splitlines()[1:]]
+    assert kl[0] == "-" and kl[1] == "0.0000" and float(kl[2]) > 0.3
