@@ -493,6 +493,106 @@ def f_divergence(logratios, kind="reverse_kl", alpha=0.5):
 
 
 # --------------------------------------------------------------------------------------------------
+# The road DPO avoids: reinforcement learning with a reward function (GRPO, grpo.py). Per-token
+# log-probs here, (B, T), since the PPO ratio and the KL estimate are per token.
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def group_advantages(rewards, group_size, scale_rewards="group"):
+    """GRPO's advantages (Shao et al. 2024, "DeepSeekMath", arXiv:2402.03300): each answer's reward
+    minus the mean reward of its group (the G answers sampled for one prompt, consecutive rows), so
+    no value network is needed: the group is the baseline. rewards (B,) with B = prompts x G.
+
+        A_i = (r_i - mean(group)) / (std + 1e-4)   scale_rewards='group': the group's std
+                                                   'batch': the whole batch's std
+        A_i =  r_i - mean(group)                   'none' (Dr. GRPO, arXiv:2503.20783: dividing
+                                                   by the std favours too easy or too hard prompts)
+
+    std is the unbiased one, as TRL's. A group whose answers all earned the same reward gets
+    advantage 0 in every mode (it carries no signal), never 0/0."""
+    grouped = rewards.view(-1, group_size)
+    baseline = grouped.mean(dim=1).repeat_interleave(group_size)
+    advantages = rewards - baseline
+    if scale_rewards == "group":
+        std = grouped.std(dim=1).repeat_interleave(group_size)
+    elif scale_rewards == "batch":
+        std = rewards.std().expand_as(rewards)
+    elif scale_rewards == "none":
+        return advantages
+    else:
+        raise UserError(f"unknown scale_rewards '{scale_rewards}': expected one of "
+                        f"{', '.join(SCALE_REWARDS)}")
+    return advantages / (std + 1e-4)
+
+
+def grpo_loss(policy_logps, old_logps, reference_logps, mask, advantages, beta=0.0, epsilon=0.2,
+              epsilon_high=None, loss_type="grpo", importance_sampling_level="token",
+              max_completion_length=None):
+    """GRPO's clipped surrogate with a KL penalty, as TRL's GRPOTrainer computes it:
+
+        ratio_t = exp(logp_t - old_t)           token level (PPO's); 'sequence' (GSPO,
+                                                arXiv:2507.18071): one ratio per answer,
+                                                exp(mean_t(logp_t - old_t))
+        term_t  = -min(ratio_t * A, clip(ratio_t, 1 - epsilon, 1 + epsilon_high) * A)
+                  + beta * (exp(ref_t - logp_t) - (ref_t - logp_t) - 1)
+
+    The KL term is Schulman's k3 estimator of KL(policy || reference): unbiased for samples drawn
+    from the policy, and never negative. policy_logps (B, T), with gradients; old_logps (B, T), the
+    policy that sampled the answers (None: this policy, detached, so ratio = 1 and only the
+    gradient of A * logp remains: REINFORCE with the group mean as baseline); reference_logps
+    (B, T), needed when beta > 0; mask (B, T), 1 on the answer's tokens and EOS; advantages (B,).
+    epsilon_high None = epsilon (DAPO, arXiv:2503.14476, raises it to let rare tokens grow).
+
+    loss_type says how the terms are averaged over this micro-batch:
+      grpo     each answer's mean over its tokens, then the mean over answers (the paper's)
+      bnpo     the mean over all the micro-batch's tokens
+      dr_grpo  the sum over tokens / (B * max_completion_length): no length bias (Dr. GRPO)
+      dapo     as bnpo here; grpo.py weights each micro-batch by its share of the step's tokens
+               (not rows), which makes it the mean over the global batch's tokens, as TRL's
+    Returns (loss, metrics): TRL's kl (the masked mean of the k3 terms) when beta > 0, and
+    clip_ratio/low_mean, high_mean, region_mean (the share of tokens whose ratio was clipped)."""
+    if epsilon_high is None:
+        epsilon_high = epsilon
+    if old_logps is None:
+        old_logps = policy_logps.detach()
+    log_ratio = policy_logps - old_logps                         # (B, T)
+    if importance_sampling_level == "sequence":
+        # one weight per answer: its mean per-token log-ratio, (B, 1)
+        log_ratio = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        log_ratio = log_ratio.unsqueeze(-1)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    A = advantages.unsqueeze(-1)                                 # (B, 1)
+    terms = -torch.min(ratio * A, clipped * A)                   # (B, T), or (B, 1) by sequence
+    metrics = {}
+    if beta != 0.0:
+        delta = reference_logps - policy_logps
+        kl = torch.exp(delta) - delta - 1                        # (B, T), >= 0
+        terms = terms + beta * kl
+        metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1.0)).detach()
+    terms = terms * mask                                         # (B, T)
+    if loss_type == "grpo":
+        loss = (terms.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type in ("bnpo", "dapo"):
+        loss = terms.sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = terms.sum() / (terms.size(0) * max_completion_length)
+    else:
+        raise UserError(f"unknown GRPO loss_type '{loss_type}': expected one of "
+                        f"{', '.join(GRPO_LOSS_TYPES)}")
+    # clipping bites where the ratio left the range in the direction the advantage pushes it
+    low = ((ratio < 1 - epsilon) & (A < 0)).float().expand_as(mask)
+    high = ((ratio > 1 + epsilon_high) & (A > 0)).float().expand_as(mask)
+    tokens = mask.sum().clamp(min=1.0)
+    metrics["clip_ratio/low_mean"] = (low * mask).sum() / tokens
+    metrics["clip_ratio/high_mean"] = (high * mask).sum() / tokens
+    metrics["clip_ratio/region_mean"] = (torch.maximum(low, high) * mask).sum() / tokens
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------------------
 # The table: --loss_type -> its function. dpo.py looks the name up here and calls the function with
 # the policy's and the reference's log-probs of the chosen and the rejected responses, (B,) each,
 # and beta, plus by keyword the settings that loss reads (dpo.py's LOSS_SETTINGS). Each returns

