@@ -12,8 +12,8 @@ the run with one line that names the problem and, for a misspelt key, the closes
 
 It also holds how bad input ends a run: every module raises UserError for a problem with the user's
 data or settings, and the scripts call install_error_handler() first, so such an error prints as one
-line, `error: ...` (exit code 1), and a Ctrl-C that stops a run at once as `interrupted` (exit code
-130), while a bug in the code still shows its whole traceback.
+line, `error: ...` (exit code 1), and a Ctrl-C that stops a run at once as `interrupted` (the
+process then dies of SIGINT, code 130 in a shell), while a bug in the code still shows its whole traceback.
 Importing this module changes nothing.
 """
 
@@ -21,6 +21,7 @@ import ast
 import difflib
 import os
 import re
+import signal
 import sys
 
 
@@ -32,12 +33,13 @@ def _report_user_errors(exc_type, exc, tb):
     if issubclass(exc_type, UserError):
         print(f"error: {exc}", file=sys.stderr)
     elif issubclass(exc_type, KeyboardInterrupt):
-        # Ctrl-C where no checkpoint is pending (or a second one): one line, and the shell's
-        # exit code for it, 128 + SIGINT
+        # Ctrl-C where no checkpoint is pending (or a second one): one line, then die of SIGINT
+        # itself, as Python does, so that a shell loop around the run stops too (exit code 130)
         print(f"interrupted{': ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
     else:
         sys.__excepthook__(exc_type, exc, tb)
 

@@ -461,7 +461,7 @@ else:
     count_tokens = concatenated_tokens
 flops_per_token = model_flops_per_token(policy, train_data, forward_only, logprob_kind)
 # --report_to: the trackers (rank 0 only) get every record metrics.jsonl gets
-trackers = Trackers(report_to, out_dir, run_name, project, config, start_iter, process.master)
+trackers = Trackers(report_to, out_dir, run_name, project, config, start_iter, process)
 logger = Logger(out_dir, process, start_iter, max_iters, log_interval, flops_per_token, compile,
                 trackers)
 if process.master:
@@ -491,7 +491,7 @@ def save(it, results):
 
 # From here on, SIGTERM (a scheduler's notice) or a first Ctrl-C stops the run after the step it
 # interrupts, with a checkpoint; a second Ctrl-C stops it at once
-stop = runtime.StopOnSignal()
+signals = runtime.StopOnSignal(process)
 results = {}
 for it in range(start_iter, max_iters + 1):
     if it % eval_interval == 0 or it == max_iters:
@@ -538,11 +538,14 @@ for it in range(start_iter, max_iters + 1):
     optimizer.zero_grad(set_to_none=True)
     reference_sync.after_step(it)  # TR-DPO
     logger.step(it, lr, grad_norm, time.time() - t0, guard.total)
-    # a signal came: every rank saves the checkpoint after this step, then the run exits
-    if stop.requested(process):
+    # Every step the ranks agree (one all-reduce) whether any got SIGTERM or Ctrl-C. If one did,
+    # all join save() (rank 0 writes) and exit with code 75: step `it` is done, so the checkpoint
+    # is of it + 1 steps, and --init_from=resume starts there. After the last step the run just
+    # finishes, final evaluation included.
+    if signals.stop_requested(process) and it + 1 < max_iters:
         save(it + 1, results)
-        logger.close()
-        stop.exit(process, it + 1, max_iters, os.path.join(out_dir, "ckpt.pt"))
+        logger.close_trackers()
+        signals.exit(process, it + 1, max_iters, os.path.join(out_dir, "ckpt.pt"))
 save(max_iters, results)
 logger.finish(guard.total)
 wall_s = time.time() - t_start
@@ -553,7 +556,7 @@ run_summary = logger.write_summary(out_dir, config, results, last_line, wall_s,
                                    sft_accuracy=start.sft_accuracy,
                                    training_rows=len(train_data), skipped=str(skipped),
                                    truncated=skipped.truncated(), nonfinite_skipped=guard.total)
-logger.close(run_summary)
+logger.close_trackers(run_summary)
 if process.master:
     print(last_line)
 runtime.cleanup(process)

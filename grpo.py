@@ -249,7 +249,7 @@ if start.run_to_resume:
 # model FLOPs of the training passes (sampling not counted): a prompt and a full-length answer
 example_rows = [(p, [0] * max_completion_length) for p in prompt_ids[:256]]
 flops_per_token = model_flops_per_token(policy, example_rows, forward_only=reference is not None)
-trackers = Trackers(report_to, out_dir, run_name, project, config, start_iter, process.master)
+trackers = Trackers(report_to, out_dir, run_name, project, config, start_iter, process)
 logger = Logger(out_dir, process, start_iter, max_iters, log_interval, flops_per_token, compile,
                 trackers)
 if process.master:
@@ -267,7 +267,9 @@ def save(it, results):
                         **sampling_rng.state_dict(), **results)
 
 
-stop = runtime.StopOnSignal()
+# From here on, SIGTERM (a scheduler's notice) or a first Ctrl-C stops the run after the step it
+# interrupts, with a checkpoint; a second Ctrl-C stops it at once
+signals = runtime.StopOnSignal(process)
 sampling_s = training_s = 0.0
 results = {}
 for it in range(start_iter, max_iters + 1):
@@ -331,11 +333,14 @@ for it in range(start_iter, max_iters + 1):
         optimizer.zero_grad(set_to_none=True)
     training_s += time.time() - t1
     logger.step(it, lr, grad_norm, time.time() - t0, guard.total)
-    # a signal came: every rank saves the checkpoint after this step, then the run exits
-    if stop.requested(process):
+    # Every step the ranks agree (one all-reduce) whether any got SIGTERM or Ctrl-C. If one did,
+    # all join save() (rank 0 writes) and exit with code 75: step `it` is done, so the checkpoint
+    # is of it + 1 steps, and --init_from=resume starts there. After the last step the run just
+    # finishes, final evaluation included.
+    if signals.stop_requested(process) and it + 1 < max_iters:
         save(it + 1, results)
-        logger.close()
-        stop.exit(process, it + 1, max_iters, os.path.join(out_dir, "ckpt.pt"))
+        logger.close_trackers()
+        signals.exit(process, it + 1, max_iters, os.path.join(out_dir, "ckpt.pt"))
 save(max_iters, results)
 logger.finish(guard.total)
 wall_s = time.time() - t_start
@@ -347,7 +352,7 @@ run_summary = logger.write_summary(out_dir, config, results, last_line, wall_s,
                                    sft_accuracy=start.sft_accuracy, answers_sampled=answers,
                                    sampling_s=round(sampling_s, 1),
                                    training_s=round(training_s, 1), nonfinite_skipped=guard.total)
-logger.close(run_summary)
+logger.close_trackers(run_summary)
 if process.master:
     print(last_line)
 runtime.cleanup(process)

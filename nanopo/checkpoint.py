@@ -80,10 +80,10 @@ def os_error_in(e):
     """The operating system's reason behind a failed write, 'No space left on device (errno 28)', or
     None if there is none: torch.save reports a failed write as a RuntimeError of its own, with the
     OSError as its context."""
-    while e is not None:
-        if isinstance(e, OSError):
-            return f"{e.strerror or e} (errno {e.errno})" if e.errno else str(e)
-        e = e.__cause__ or e.__context__
+    if isinstance(e, RuntimeError):
+        e = e.__context__
+    if isinstance(e, OSError):
+        return f"{e.strerror or e} (errno {e.errno})" if e.errno else str(e)
     return None
 
 
@@ -251,8 +251,26 @@ def save_run(cfg, iter_num, model, optimizer, order, scaler, tokenizer, rt=SINGL
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         optim_state = get_optimizer_state_dict(unwrap(model), optimizer,
                                                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not rt.master:
-        return
+    problem = None
+    if rt.master:
+        try:
+            write_run(cfg, iter_num, model, model_state, optim_state, order, scaler, tokenizer,
+                      rng_per_rank, extra)
+        except UserError as e:
+            problem = str(e)
+    if rt.ddp:
+        # the other ranks learn that rank 0's write failed, and stop with it in one line
+        failed = torch.tensor([float(problem is not None)], device=rt.device)
+        dist.all_reduce(failed)
+        if failed.item() > 0 and problem is None:
+            problem = "rank 0 could not save the checkpoint (its line says why)"
+    if problem:
+        raise UserError(problem)
+
+
+def write_run(cfg, iter_num, model, model_state, optim_state, order, scaler, tokenizer,
+              rng_per_rank, extra):
+    """Rank 0's part of save_run: ckpt.pt, and the numbered copies keep_last asks for."""
     out_dir = cfg["out_dir"]
     path = os.path.join(out_dir, "ckpt.pt")
     state = dict(iter_num=iter_num, optimizer=optim_state, data_order=order.state_dict(),
@@ -271,7 +289,8 @@ def save_run(cfg, iter_num, model, optimizer, order, scaler, tokenizer, rt=SINGL
                 shutil.copyfile(path, numbered)
             except OSError as e:
                 if os.path.exists(numbered):
-                    os.remove(numbered)
+                    with contextlib.suppress(OSError):
+                        os.remove(numbered)
                 raise UserError(f"could not save {numbered}: {os_error_in(e)}; {path} is saved "
                                 "and intact") from None
         # by iteration, as numbers; ones past this iteration are another timeline's (an earlier, longer run in

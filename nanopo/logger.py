@@ -210,7 +210,7 @@ class Logger:
         os.replace(tmp, path)
         return summary_record
 
-    def close(self, summary_record=None):
+    def close_trackers(self, summary_record=None):
         """The trackers get the summary (without the settings, which they got at the start) and are
         closed: their last records written, their runs marked finished."""
         if self.trackers is None:

@@ -364,23 +364,25 @@ class NonFiniteGuard:
 
 # The exit code of a run that saved a checkpoint and stopped on a signal: EX_TEMPFAIL from sysexits.h,
 # "a temporary failure, run again", so a job script can tell it from success (0), bad input (1) and a
-# crash, and requeue the job with --init_from=resume.
+# crash, and requeue the job with --init_from=resume. (Under torchrun, torchrun's own code is 1.)
 STOPPED_EXIT_CODE = 75
-# torchrun passes the Ctrl-C its workers already got from the terminal on to them: a second SIGINT
-# this soon after the first is that copy, not a second press.
+# Under torchrun, torchrun passes the Ctrl-C its workers already got from the terminal on to them: a
+# second SIGINT this soon after the first is that copy, not a second press.
 SAME_PRESS_SECONDS = 1.0
 
 
 class StopOnSignal:
     """SIGTERM, or a first Ctrl-C (SIGINT), asks the run to stop at the next step boundary rather than
-    die mid-step: the loop asks requested() after each step, saves a checkpoint there and calls exit().
-    A second Ctrl-C stops at once (KeyboardInterrupt), saving nothing. Every rank asks, and they agree:
-    a signal that reached any rank stops all of them after the same step. Clusters send SIGKILL a grace
-    period after SIGTERM (torchrun: 30 s), so a step plus a save must fit in it."""
+    die mid-step: the loop asks stop_requested() after each step, saves a checkpoint there and calls
+    exit(). A second Ctrl-C stops at once (KeyboardInterrupt). Every rank asks, and they agree: a
+    signal that reached any rank stops all of them after the same step. Clusters send SIGKILL a grace
+    period after SIGTERM (torchrun: 30 s), so what follows the signal must fit in it: the rest of the
+    step (with an evaluation, if one is due), the save and closing the trackers."""
 
-    def __init__(self):
+    def __init__(self, rt):
         self.received = None   # the first signal's name, 'SIGTERM' or 'SIGINT'
         self.first_at = 0.0    # and when it came (time.monotonic)
+        self.same_press = SAME_PRESS_SECONDS if rt.ddp else 0.0
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
@@ -388,10 +390,11 @@ class StopOnSignal:
         now = time.monotonic()
         if self.received is None:
             self.received, self.first_at = signal.Signals(signum).name, now
-        elif signum == signal.SIGINT and now - self.first_at > SAME_PRESS_SECONDS:
-            raise KeyboardInterrupt("a second Ctrl-C: stopped at once, nothing saved")
+        elif signum == signal.SIGINT and now - self.first_at > self.same_press:
+            raise KeyboardInterrupt("a second Ctrl-C: stopped at once; checkpoints written "
+                                    "earlier, if any, are kept")
 
-    def requested(self, rt):
+    def stop_requested(self, rt):
         """Whether any rank got a signal (a collective under DDP: every rank must call it)."""
         flag = torch.tensor([float(self.received is not None)], device=rt.device)
         return all_reduce_sum(flag, rt).item() > 0

@@ -18,7 +18,10 @@ import importlib.util
 import json
 import os
 
+import torch
+
 from configurator import UserError
+from nanopo.runtime import all_reduce_sum
 
 TRACKERS = ("wandb", "tensorboard", "trackio")
 
@@ -43,11 +46,16 @@ def check_report_to(report_to):
             raise UserError(f"report_to={name} needs the {name} package: pip install {name}")
 
 
-def numbers(record):
-    """The entries of a record a tracker can plot: finite ints and floats, not booleans."""
-    return {k: v for k, v in record.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
-            and abs(v) != float("inf")}
+def numbers(record, prefix=""):
+    """The entries of a record a tracker can plot: finite ints and floats, not booleans; a nested
+    dict's under its key, {"results": {"task_accuracy": x}} -> {"results/task_accuracy": x}."""
+    found = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            found.update(numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < float("inf"):
+            found[prefix + k] = v
+    return found
 
 
 class WandbTracker:
@@ -69,18 +77,22 @@ class WandbTracker:
 class TensorBoardTracker:
     def __init__(self, out_dir, run_name, project, config, start_iter):
         from torch.utils.tensorboard import SummaryWriter
-        # purge_step: a resumed run hides the events its killed predecessor wrote past the checkpoint
-        self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"),
-                                    purge_step=start_iter or None)
-        self.writer.add_text("settings", "```\n" + json.dumps(config, indent=2) + "\n```")
+        # purge_step: the events an earlier run in this folder wrote from this iteration on are
+        # hidden (all of them for a fresh run; past the checkpoint for a resumed one)
+        self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_iter)
+        self.writer.add_text("settings", "```\n" + json.dumps(config, indent=2) + "\n```",
+                             start_iter)
+        self.step = start_iter
 
     def log(self, step, values):
         for name, value in values.items():
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
+        self.step = step
 
     def summary(self, record):
-        self.writer.add_text("summary", "```\n" + json.dumps(record, indent=2) + "\n```")
+        self.writer.add_text("summary", "```\n" + json.dumps(record, indent=2) + "\n```",
+                             self.step)
 
     def finish(self):
         self.writer.close()
@@ -96,8 +108,8 @@ class TrackioTracker:
         self.run.log(values, step=step)
 
     def summary(self, record):
-        # Trackio has no run summary: the numbers go in as metrics named summary/..., at the last
-        # logged step
+        # Trackio has no run summary: its numbers go in as metrics named summary/..., one step
+        # after the last logged one
         self.run.log({f"summary/{k}": v for k, v in numbers(record).items()})
 
     def finish(self):
@@ -110,24 +122,28 @@ OPENERS = {"wandb": WandbTracker, "tensorboard": TensorBoardTracker, "trackio": 
 
 class Trackers:
     """The trackers --report_to names, on rank 0 (none elsewhere). log() takes metrics.jsonl's
-    records, {"iter": N, name: value, ...}; close() sends the summary and closes them."""
+    records, {"iter": N, name: value, ...}; close() sends the summary and closes them. Every rank
+    constructs it: a tracker that cannot start stops every rank, in one line."""
 
-    def __init__(self, report_to, out_dir, run_name, project, config, start_iter, master):
+    def __init__(self, report_to, out_dir, run_name, project, config, start_iter, rt):
         self.open = {}
-        if not master:
-            return
-        for name in parse_report_to(report_to):
+        problem = None
+        for name in parse_report_to(report_to) if rt.master else []:
             try:
                 opener = OPENERS[name]
                 self.open[name] = opener(out_dir, run_name or out_dir, project, config, start_iter)
             except ImportError:
-                raise UserError(f"report_to={name} needs the {name} package: pip install "
-                                f"{name}") from None
+                problem = f"report_to={name} needs the {name} package: pip install {name}"
             except Exception as e:
                 # at the start nothing is lost yet: stop, and say why (no login, no network, ...)
                 message = " ".join(str(e).split())[:200]
-                raise UserError(f"report_to={name}: could not start a run: {type(e).__name__}: "
-                                f"{message}") from None
+                problem = f"report_to={name}: could not start a run: {type(e).__name__}: {message}"
+            if problem:
+                break
+        # the other ranks learn that rank 0 could not start its trackers, and stop with it
+        failed = all_reduce_sum(torch.tensor([float(problem is not None)], device=rt.device), rt)
+        if failed.item() > 0:
+            raise UserError(problem or "rank 0 could not start its trackers (its line says why)")
 
     def _each(self, what, call):
         """call(tracker) for each open tracker; one that raises is reported once and dropped."""

@@ -37,9 +37,10 @@ def format_value(key, value):
 
 
 def sampled_kl_to_sft(run_dir, n_prompts, draws=4):
-    """KL(policy || SFT model) in nats per answer for a dpo.py run on the embedded task, from samples of
-    the run's final policy on the first n_prompts held-out problems; None for any other run (an SFT
-    run, a run on a dataset, one whose checkpoint or SFT checkpoint is gone)."""
+    """KL(policy || SFT model) in nats per answer for a dpo.py or grpo.py run on the embedded task, from
+    samples of the run's final policy on the first n_prompts held-out problems, as 'kl±stderr'; None
+    for any other run (an SFT run, one from scratch or on a dataset, one whose checkpoint or SFT
+    checkpoint is gone). The SFT checkpoint is the path the run's config names."""
     import torch
     from data import Tokenizer
     from nanopo.checkpoint import load_checkpoint, model_from_checkpoint, task_settings
@@ -58,7 +59,7 @@ def sampled_kl_to_sft(run_dir, n_prompts, draws=4):
     with torch.no_grad():
         point = sampled_kl(policy, sft_model, task, Tokenizer(sft["tokenizer"]), n_prompts,
                            task.max_new_tokens, draws=draws)
-    return point["kl"]
+    return f"{point['kl']:.3f}±{point['kl_stderr']:.3f}"
 
 
 def table(run_dirs, kl_prompts=0):
@@ -82,12 +83,12 @@ def table(run_dirs, kl_prompts=0):
             held_out = f"{key} {format_value(key, results[key])}"
             started = format_value(key, start.get(key))
         # KL to the reference where the run measured one (KTO's reference point, online rounds)
-        kl = results.get("kl", results.get("eval_kl"))
-        if kl is None and kl_prompts > 0:
-            kl = sampled_kl_to_sft(run_dir, kl_prompts)
+        kl = format_value("kl", results.get("kl", results.get("eval_kl")))
+        if kl == "-" and kl_prompts > 0:
+            kl = sampled_kl_to_sft(run_dir, kl_prompts) or "-"
         loss = config.get("loss_type", "sft (SFT run)")
         beta = config.get("beta", "-")
-        rows.append([name, loss, str(beta), held_out, started, format_value("kl", kl),
+        rows.append([name, loss, str(beta), held_out, started, kl,
                      f"{summary.get('wall_s', 0):.0f} s"])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
@@ -99,8 +100,11 @@ if __name__ == "__main__":
     kl_prompts = 0
     run_dirs = []
     for arg in sys.argv[1:]:
-        if arg.startswith("--kl="):
-            kl_prompts = int(arg.split("=", 1)[1])
+        if arg.startswith("--kl"):
+            value = arg.partition("=")[2]
+            if not value.isdigit():
+                sys.exit(f"error: --kl takes a number of prompts, --kl=500, not {arg!r}")
+            kl_prompts = int(value)
         else:
             run_dirs.append(arg)
     if not run_dirs:

@@ -19,7 +19,7 @@ $ python -m scripts.online_dpo --dpo_args="--loss_type=ipo --beta=0.5"   # any d
 $ python -m scripts.online_dpo --nproc=2                         # each round under torchrun on 2 processes
 Interrupted? Run the same command again: finished rounds are kept, an unfinished one resumes from its checkpoint.
 SIGTERM or a first Ctrl-C reaches the running round, which saves a checkpoint after its current step; this script
-then exits with dpo.py's code for it (75, as dpo.py does).
+then exits with code 75, as dpo.py does.
 """
 
 import os
@@ -62,18 +62,24 @@ root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_round(command):
-    """Run one round's dpo.py and return its exit code. SIGTERM or Ctrl-C sent to this script is passed
-    on to the round as SIGTERM: the round saves a checkpoint after its current step and exits with
-    runtime.STOPPED_EXIT_CODE (a Ctrl-C at the terminal reaches the round itself too; SIGTERM after it does not
-    count as a second press)."""
+    """Run one round's dpo.py (or torchrun); return (its exit code, whether this script was asked to
+    stop). The first SIGTERM or Ctrl-C sent here is passed on to the round as SIGTERM: the round
+    saves a checkpoint after its current step and exits (75; torchrun: 1). A Ctrl-C at the
+    terminal reaches the round itself too, and SIGTERM after it does not count as a second press.
+    A second Ctrl-C here is passed on as SIGINT, which stops the round at once."""
     proc = subprocess.Popen(command)
+    asked = []
 
     def pass_on(signum, frame):
-        proc.send_signal(signal.SIGTERM)
+        if asked and signum == signal.SIGINT:
+            proc.send_signal(signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        asked.append(signum)
 
     before = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return proc.wait()
+        return proc.wait(), bool(asked)
     finally:
         for s, handler in before.items():
             signal.signal(s, handler)
@@ -100,8 +106,10 @@ for k in range(1, rounds + 1):
         launcher = [sys.executable] if nproc == 1 else ["torchrun", "--standalone", f"--nproc_per_node={nproc}"]
         print(f"round {k}/{rounds}: $ {' '.join(['python' if nproc == 1 else ' '.join(launcher), 'dpo.py', *args])}",
               flush=True)
-        code = run_round(launcher + [os.path.join(root, "dpo.py"), *args])
-        if code == runtime.STOPPED_EXIT_CODE:
+        code, asked_to_stop = run_round(launcher + [os.path.join(root, "dpo.py"), *args])
+        if asked_to_stop:
+            # the round saved its checkpoint (or finished): stop here, whatever its exit code
+            # (dpo.py's 75, torchrun's 1, 0 if the signal came in its last step)
             print(f"online rounds stopped in round {k}/{rounds}; run the same command again to continue")
             sys.exit(runtime.STOPPED_EXIT_CODE)
         if code != 0:
