@@ -13,8 +13,8 @@ the run with one line that names the problem and, for a misspelt key, the closes
 It also holds how bad input ends a run: every module raises UserError for a problem with the user's
 data or settings, and the scripts call install_error_handler() first, so such an error prints as one
 line, `error: ...` (exit code 1), and a Ctrl-C that stops a run at once as `interrupted` (the
-process then dies of SIGINT, code 130 in a shell), while a bug in the code still shows its whole traceback.
-Importing this module changes nothing.
+process then dies of SIGINT, code 130 in a shell), while a bug in the code still shows its whole
+traceback. Importing this module changes nothing.
 """
 
 import ast

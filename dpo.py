@@ -185,6 +185,7 @@ elif use_reference:
 # 2. the pairs, as text. On the embedded task (or a dataset of checkable solutions such as GSM8K):
 # the verified answer (chosen) over the SFT model's own mistake (rejected), sampled now from the
 # policy, which is still the SFT model. From a preference dataset: its pairs as published.
+t_pairs = time.time()  # what building the pairs costs, for summary.json (pairs_s)
 task = None
 eval_rows = []
 if dataset and dataset_kind(dataset, dataset_split, dataset_format or None) != "sft":
@@ -245,6 +246,7 @@ if process.master:
         line += (f"; {len(eval_data)} held-out rows, skipped: {eval_skipped}, "
                  f"truncated: {eval_skipped.truncated()}")
     print(line)
+pairs_s = time.time() - t_pairs
 
 # 3. a model's log-probs of a batch of pairs (both models), and where the reference's come from
 # --logprobs=auto: chunked for a large vocabulary (GPT-2's), plain for the embedded task's
@@ -553,7 +555,7 @@ last_line = (f"{loss_type.upper()} done: {summary(results, start.sft_accuracy)} 
              f"peak RSS {peak_rss_mb():.0f} MB -> {os.path.join(out_dir, 'ckpt.pt')}")
 # out_dir/summary.json: the run in one file (results, speed, settings, git commit)
 run_summary = logger.write_summary(out_dir, config, results, last_line, wall_s,
-                                   sft_accuracy=start.sft_accuracy,
+                                   sft_accuracy=start.sft_accuracy, pairs_s=round(pairs_s, 1),
                                    training_rows=len(train_data), skipped=str(skipped),
                                    truncated=skipped.truncated(), nonfinite_skipped=guard.total)
 logger.close_trackers(run_summary)

@@ -8,6 +8,7 @@ The notebooks print every command they run, so each run can be repeated from a s
 
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -32,8 +33,8 @@ def command(scripts, args):
 
 
 def show(cmd):
-    """The command as one would type it."""
-    return " ".join(["python"] + cmd[1:])
+    """The command as one would type it (an argument with spaces quoted)."""
+    return " ".join(["python"] + [shlex.quote(arg) for arg in cmd[1:]])
 
 
 def _env():
