@@ -262,10 +262,13 @@ RULES = {
 }
 
 
-def check_config(cfg):
-    """Check the settings a script has (rules only for keys present) right after apply_overrides;
-    a NaN fails every rule, since every comparison with it is False."""
+def check_config(cfg, exempt=()):
+    """Check the settings a script has (rules only for keys present, and not for the keys in
+    `exempt`, which the script checks itself) right after apply_overrides; a NaN fails every rule,
+    since every comparison with it is False."""
     for key, (ok, expected) in RULES.items():
+        if key in exempt:
+            continue
         if key in cfg and cfg[key] is not None and not ok(cfg[key]):
             raise UserError(f"{key}={cfg[key]!r} makes no sense: expected {expected}")
     if cfg.get("ref_ckpt") and cfg.get("lora_rank"):

@@ -59,21 +59,21 @@ keep_last = 1
 report_to = "none"        # 'wandb', 'tensorboard' or 'trackio', comma-separated for several
 run_name = ""             # the run's name in the trackers; '' = out_dir
 project = "nanopo"        # the wandb / trackio project
-# GRPO (TRL's GRPOConfig names)
+# GRPO (TRL's GRPOConfig names; not all its defaults: TRL's beta is 0 and its loss_type dapo)
 reward = "graded"         # 'graded': the task's -log(1 + |error|); 'correct': 1 if right, else 0
 num_generations = 8       # G: answers per prompt, each group its own baseline
 prompts_per_step = 32     # prompts per step: a step trains on prompts_per_step x G answers
 temperature = 1.0         # the rollouts' sampling temperature
 beta = 0.04               # weight of the KL penalty to the reference; 0: no reference at all
-epsilon = 0.2             # PPO clipping: the ratio is kept within [1 - epsilon, 1 + epsilon_high]
+epsilon = 0.2             # PPO clipping: the ratio is clipped to [1 - epsilon, 1 + epsilon_high]
 epsilon_high = 0.0        # 0 = epsilon; DAPO raises it (0.28) so unlikely tokens can grow
 loss_type = "grpo"        # grpo | bnpo | dr_grpo | dapo: how the token terms are averaged
 importance_sampling_level = "token"  # 'token' (PPO's ratio) or 'sequence' (GSPO)
 scale_rewards = "group"   # advantages divided by the std of the 'group', the 'batch', or 'none'
-num_iterations = 1        # optimizer steps on each batch of answers (> 1: the ratio leaves 1)
+num_iterations = 1        # optimizer steps per batch of answers; 1: the ratio is 1, nothing clips
 # optimisation
-batch_size = 64           # answers per micro-batch; a step is prompts_per_step x G answers
-max_iters = 60            # steps, each with a fresh batch of answers
+batch_size = 64           # answers per micro-batch (over all ranks, as in dpo.py)
+max_iters = 60            # steps, each a fresh batch of answers (x num_iterations optimizer steps)
 learning_rate = 1e-4
 min_lr = 1e-4
 warmup_iters = 0
@@ -92,8 +92,11 @@ lora_targets = "attn.c_attn,attn.c_proj,mlp.c_fc,mlp.c_proj"
 grad_checkpoint = False
 # --------------------------------------------------------------------------------------------------
 config = apply_overrides(globals())
-check_config(config)
+# GRPO's beta, unlike DPO's, may be 0: no KL penalty (checked below)
+check_config(config, exempt=("beta",))
 check_report_to(report_to)
+if not beta >= 0:
+    raise UserError(f"beta={beta} makes no sense: expected >= 0 (0: no KL penalty, no reference)")
 if init_from not in ("sft", "resume"):
     raise UserError(f"unknown init_from '{init_from}': expected 'sft' or 'resume'")
 if num_generations < 2:
@@ -129,6 +132,7 @@ if compile is None:
 
 # 1. the policy, the SFT model (or the run being resumed), and, only with a KL penalty, the
 # reference: a frozen copy of it
+# (dpo_start is shared with dpo.py: the SFT checkpoint, or the run in out_dir to resume)
 start = checkpoint.dpo_start(config, needs_reference=beta > 0)
 policy = runtime.prepare_model(start.policy.to(process.device), config, process)
 tok = Tokenizer(start.tokenizer)
@@ -197,7 +201,8 @@ def rollouts(step_prompts):
     policy.train(was_training)
     rows, rewards, correct = [], [], 0
     for k, answer in enumerate(answers):
-        # generate drops EOS: an answer that stopped early sampled it, and it is scored
+        # generate drops EOS: an answer that stopped early sampled it, so it goes back, to be
+        # scored: the model learns where to stop
         stopped = len(answer) < max_completion_length
         rows.append((group_prompts[k], answer + [tok.eos_id] if stopped else answer))
         prompt_text, answer_text = prompts[step_prompts[k // num_generations]], tok.decode(answer)
@@ -205,9 +210,12 @@ def rollouts(step_prompts):
         correct += task.is_correct(prompt_text, answer_text)
     rewards = torch.tensor(rewards, dtype=torch.float32)
     advantages = losses.group_advantages(rewards, num_generations, scale_rewards)
-    group_std = rewards.view(-1, num_generations).std(dim=1)
+    # TRL's frac_reward_zero_std: the share of answers whose advantage had a zero std to divide by
+    std = rewards.view(-1, num_generations).std(dim=1)
+    if scale_rewards == "batch":
+        std = rewards.std().expand(len(std))
     metrics = {"reward": rewards.mean(), "reward_std": rewards.std(),
-               "frac_reward_zero_std": (group_std == 0).float().mean(),
+               "frac_reward_zero_std": (std == 0).float().mean(),
                "completions/mean_length": torch.tensor([len(r) for _, r in rows]).float().mean(),
                "sampled_accuracy": torch.tensor(correct / len(rows))}
     return rows, advantages, metrics
@@ -216,11 +224,12 @@ def rollouts(step_prompts):
 # 4. the loss of a micro-batch: per-token log-probs of the answers under the policy (and the
 # sampling policy, and the reference), then losses.grpo_loss
 def answer_logps(model, rows):
-    """Per-token log-probs of the rows' answer tokens, (B, T) float32, and the mask (B, T), 1 on
+    """Per-token log-probs of the rows' answer tokens, (B, T) float32, under the distribution the
+    answers were sampled from (the logits divided by the temperature), and the mask (B, T), 1 on
     the answer's tokens and EOS."""
     idx, targets, mask = collate(rows, tok.pad_id)
     idx, targets, mask = idx.to(process.device), targets.to(process.device), mask.to(process.device)
-    return token_logps(model(idx), targets), mask
+    return token_logps(model(idx) / temperature, targets), mask
 
 
 def compute_loss(policy_model, rows, advantages, old_logps, reference_logps):
@@ -253,7 +262,8 @@ trackers = Trackers(report_to, out_dir, run_name, project, config, start_iter, p
 logger = Logger(out_dir, process, start_iter, max_iters, log_interval, flops_per_token, compile,
                 trackers)
 if process.master:
-    print(f"loss_type {loss_type}, beta {beta}: {1 + (reference is not None)} model(s) in memory")
+    print(f"loss_type {loss_type}, beta {beta}: {1 + isinstance(reference, torch.nn.Module)} "
+          "model(s) in memory")
 
 
 def evaluate():
@@ -288,23 +298,26 @@ for it in range(start_iter, max_iters + 1):
     runtime.set_lr(optimizer, lr)
     # sample G answers to each of the step's prompts, reward them, and compare within each group
     rows, advantages, rollout_metrics = rollouts(order.take(prompts_per_step))
+    # every rank sampled from the same weights and stream: check that they got the same answers
+    runtime.check_same_on_all_ranks(rows, process)
     t1 = time.time()
     sampling_s += t1 - t0
     micro_batches = runtime.my_micro_batches(list(range(len(rows))), batch_size,
                                              gradient_accumulation_steps, process)
     # the log-probs of the policy that sampled the answers (needed once the ratio can leave 1)
     # and of the reference, fixed for the step: computed once, without gradients
-    fixed = []
+    old_and_reference_logps = []
     with torch.no_grad(), process.autocast():
         for indices in micro_batches:
             batch = [rows[i] for i in indices]
             old_logps = None
             if num_iterations > 1:
-                old_logps = answer_logps(policy, batch)[0]
+                # the model training runs (compiled, ...), so that the first ratio is exactly 1
+                old_logps = answer_logps(wrapped_policy, batch)[0]
             reference_logps = None
             if reference is not None:
                 reference_logps = answer_logps(wrapped_reference, batch)[0]
-            fixed.append((old_logps, reference_logps))
+            old_and_reference_logps.append((old_logps, reference_logps))
     # dapo averages over the step's tokens: each micro-batch counts by its share of them
     step_tokens = sum(len(answer) for _, answer in rows)
     for _ in range(num_iterations):
@@ -315,16 +328,17 @@ for it in range(start_iter, max_iters + 1):
             if loss_type == "dapo":
                 share = sum(len(answer) for _, answer in batch) / step_tokens
             runtime.sync_gradients(wrapped_policy, process, k == len(micro_batches) - 1)
-            old_logps, reference_logps = fixed[k]
+            old_logps, reference_logps = old_and_reference_logps[k]
             with process.autocast():
                 loss, metrics = compute_loss(wrapped_policy, batch, advantages[indices],
                                              old_logps, reference_logps)
             # the loss is a mean over the step's answers (dapo: tokens); the world_size factor
-            # undoes DDP's average over ranks, whose shares already sum to 1
+            # undoes DDP's average over ranks (the shares of all ranks together sum to 1)
             scaler.scale(loss * share * process.world_size).backward()
             step_loss += loss.detach() * share
-            read = sum(len(p) + len(a) - 1 for p, a in batch)
-            logger.add(loss, {**metrics, **rollout_metrics}, share / num_iterations, read)
+            tokens_forwarded = sum(len(p) + len(a) - 1 for p, a in batch)
+            logger.add(loss, {**metrics, **rollout_metrics}, share / num_iterations,
+                       tokens_forwarded)
         scaler.unscale_(optimizer)
         grad_norm = runtime.clip_grad_norm(wrapped_policy, grad_clip)
         if guard.all_finite(step_loss, grad_norm, scaler, process, it):

@@ -540,8 +540,9 @@ def grpo_loss(policy_logps, old_logps, reference_logps, mask, advantages, beta=0
 
     The KL term is Schulman's k3 estimator of KL(policy || reference): unbiased for samples drawn
     from the policy, and never negative. policy_logps (B, T), with gradients; old_logps (B, T), the
-    policy that sampled the answers (None: this policy, detached, so ratio = 1 and only the
-    gradient of A * logp remains: REINFORCE with the group mean as baseline); reference_logps
+    policy that sampled the answers (None: this policy, detached, so ratio = 1 and the clipped
+    term's gradient is that of A * logp: REINFORCE with the group mean as baseline, plus the KL
+    term's when beta > 0); reference_logps
     (B, T), needed when beta > 0; mask (B, T), 1 on the answer's tokens and EOS; advantages (B,).
     epsilon_high None = epsilon (DAPO, arXiv:2503.14476, raises it to let rare tokens grow).
 
@@ -552,12 +553,17 @@ def grpo_loss(policy_logps, old_logps, reference_logps, mask, advantages, beta=0
       dapo     as bnpo here; grpo.py weights each micro-batch by its share of the step's tokens
                (not rows), which makes it the mean over the global batch's tokens, as TRL's
     Returns (loss, metrics): TRL's kl (the masked mean of the k3 terms) when beta > 0, and
-    clip_ratio/low_mean, high_mean, region_mean (the share of tokens whose ratio was clipped)."""
+    clip_ratio/low_mean, high_mean, region_mean: the share of tokens (sequence level: of answers)
+    whose ratio was clipped. Log-probs are those of the sampling temperature's distribution
+    (grpo.py divides the logits by it, as TRL does)."""
     if epsilon_high is None:
         epsilon_high = epsilon
     if old_logps is None:
         old_logps = policy_logps.detach()
-    log_ratio = policy_logps - old_logps                         # (B, T)
+    on = mask.bool()                                             # the answers' tokens
+    # Padding positions are zeroed before anything is exponentiated: whatever log-probs padding
+    # has, no inf can appear there and turn the loss or its gradient into NaN (inf * 0).
+    log_ratio = torch.where(on, policy_logps - old_logps, 0.0)   # (B, T)
     if importance_sampling_level == "sequence":
         # one weight per answer: its mean per-token log-ratio, (B, 1)
         log_ratio = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
@@ -568,11 +574,11 @@ def grpo_loss(policy_logps, old_logps, reference_logps, mask, advantages, beta=0
     terms = -torch.min(ratio * A, clipped * A)                   # (B, T), or (B, 1) by sequence
     metrics = {}
     if beta != 0.0:
-        delta = reference_logps - policy_logps
-        kl = torch.exp(delta) - delta - 1                        # (B, T), >= 0
+        delta = torch.where(on, reference_logps - policy_logps, 0.0)
+        kl = torch.exp(delta) - delta - 1                        # (B, T), >= 0, 0 on padding
         terms = terms + beta * kl
-        metrics["kl"] = ((kl * mask).sum() / mask.sum().clamp(min=1.0)).detach()
-    terms = terms * mask                                         # (B, T)
+        metrics["kl"] = (kl.sum() / mask.sum().clamp(min=1.0)).detach()
+    terms = torch.where(on, terms, 0.0)                          # (B, T)
     if loss_type == "grpo":
         loss = (terms.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     elif loss_type in ("bnpo", "dapo"):
@@ -583,12 +589,16 @@ def grpo_loss(policy_logps, old_logps, reference_logps, mask, advantages, beta=0
         raise UserError(f"unknown GRPO loss_type '{loss_type}': expected one of "
                         f"{', '.join(GRPO_LOSS_TYPES)}")
     # clipping bites where the ratio left the range in the direction the advantage pushes it
-    low = ((ratio < 1 - epsilon) & (A < 0)).float().expand_as(mask)
-    high = ((ratio > 1 + epsilon_high) & (A > 0)).float().expand_as(mask)
-    tokens = mask.sum().clamp(min=1.0)
-    metrics["clip_ratio/low_mean"] = (low * mask).sum() / tokens
-    metrics["clip_ratio/high_mean"] = (high * mask).sum() / tokens
-    metrics["clip_ratio/region_mean"] = (torch.maximum(low, high) * mask).sum() / tokens
+    low = ((ratio < 1 - epsilon) & (A < 0)).float()
+    high = ((ratio > 1 + epsilon_high) & (A > 0)).float()
+    if importance_sampling_level == "sequence":
+        # one ratio per answer: the share of answers, as TRL counts them
+        shares = [x.mean() for x in (low, high, torch.maximum(low, high))]
+    else:
+        tokens = mask.sum().clamp(min=1.0)
+        shares = [(x * mask).sum() / tokens for x in (low, high, torch.maximum(low, high))]
+    metrics["clip_ratio/low_mean"], metrics["clip_ratio/high_mean"] = shares[0], shares[1]
+    metrics["clip_ratio/region_mean"] = shares[2]
     return loss, metrics
 
 

@@ -67,6 +67,10 @@ def test_grpo_loss_against_token_by_token_values(loss_type, level, beta):
     if level == "token":
         # clipping happened somewhere in this batch, in both directions
         assert 0 < metrics["clip_ratio/low_mean"] < 1 and 0 < metrics["clip_ratio/high_mean"] < 1
+    else:
+        # one ratio per answer: the clip ratios count answers, as TRL's, so they are multiples of 1/5
+        for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+            assert (metrics[key].item() * 5) == pytest.approx(round(metrics[key].item() * 5))
 
 
 def test_kl_metric_and_clip_ratios_by_hand():
@@ -173,3 +177,19 @@ def test_the_sequence_level_ratio_is_one_number_per_answer():
     assert seq.item() == pytest.approx(tok.item(), rel=1e-12)
     want = (-math.exp(0.1) * 1.3 + 0.7 - 0.4 + 1.9 + 0.0) / 5  # the empty answer adds 0
     assert seq.item() == pytest.approx(want, rel=1e-12)
+
+
+def test_a_padding_position_that_overflows_gives_no_nan():
+    """A padding column whose log-probs are nonsense (the ratio and exp(ref - logp) overflow to
+    inf) must not turn the loss or its gradient into NaN (inf * 0): padding is masked by where."""
+    logp, old, ref, mask, adv = random_batch(6)
+    logp, old, ref = logp.clone(), old.clone(), ref.clone()
+    logp[1, 6], old[1, 6], ref[1, 6] = 0.0, -1e4, 1e4  # row 1 has 3 tokens: column 6 is padding
+    logp.requires_grad_(True)
+    for level in ("token", "sequence"):
+        loss, metrics = losses.grpo_loss(logp, old, ref, mask, adv, beta=0.04,
+                                         importance_sampling_level=level)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+        assert torch.isfinite(metrics["kl"])
+        logp.grad = None
