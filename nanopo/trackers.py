@@ -59,6 +59,8 @@ def numbers(record, prefix=""):
 
 
 class WandbTracker:
+    """A wandb run in out_dir/wandb: metrics by step, the settings as its config, the summary."""
+
     def __init__(self, out_dir, run_name, project, config, start_iter):
         import wandb
         # a resumed run is a new wandb run of the same name, logging from the iteration it resumed at
@@ -75,6 +77,8 @@ class WandbTracker:
 
 
 class TensorBoardTracker:
+    """Event files in out_dir/tensorboard: a scalar per metric, the settings and summary as text."""
+
     def __init__(self, out_dir, run_name, project, config, start_iter):
         from torch.utils.tensorboard import SummaryWriter
         # purge_step: the events an earlier run in this folder wrote from this iteration on are
@@ -99,6 +103,8 @@ class TensorBoardTracker:
 
 
 class TrackioTracker:
+    """A Trackio run in its local database (TRACKIO_DIR): metrics by step, the settings as config."""
+
     def __init__(self, out_dir, run_name, project, config, start_iter):
         import trackio
         self.trackio = trackio
