@@ -256,6 +256,8 @@ RULES = {
     "logprobs": (lambda v: v in ("auto", "chunked", "plain"), "'auto', 'chunked' or 'plain'"),
     "logprob_chunk": (lambda v: v >= 0, ">= 0 (0: no chunks)"),
     "grad_checkpoint": (lambda v: v in (True, False, "selective"), "True, False or 'selective'"),
+    "packing": (lambda v: v in (True, False), "True or False"),
+    "pack_tokens": (lambda v: v >= 0, ">= 0 (0 = one row per micro-batch)"),
     "lora_rank": (lambda v: v >= 0, ">= 0 (0 = no LoRA: every weight trains)"),
     "lora_alpha": (lambda v: v > 0, "> 0"),
     "lora_dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -274,5 +276,8 @@ def check_config(cfg, exempt=()):
     if cfg.get("ref_ckpt") and cfg.get("lora_rank"):
         raise UserError("ref_ckpt with lora_rank: "
                         "a LoRA policy's reference is its own base weights, adapters off")
+    if cfg.get("pack_tokens") and not cfg.get("packing"):
+        raise UserError(f"pack_tokens={cfg['pack_tokens']} without packing=True does nothing: "
+                        "add --packing=True, or leave pack_tokens at 0")
     if cfg.get("n_head", 0) >= 1 and cfg.get("n_embd", 0) % cfg.get("n_head", 1) != 0:
         raise UserError(f"n_embd={cfg['n_embd']} is not divisible by n_head={cfg['n_head']}")

@@ -254,7 +254,12 @@ def padded_length(T, limit, multiple=1):
     per new length."""
     if multiple == 1:
         return T
-    return min(limit, -(-T // multiple) * multiple)
+    return min(limit, round_up(T, multiple))
+
+
+def round_up(n, multiple):
+    """n rounded up to a multiple of `multiple`."""
+    return -(-n // multiple) * multiple
 
 
 def collate_pairs(pairs, pad_id, length=None):
@@ -282,7 +287,7 @@ _PAD = 3
 
 
 def collate_prefix_shared(pairs, pad_id, length=None):
-    """Preference pairs [(prompt, chosen, rejected)] -> one packed, right-padded row per pair (a
+    """Preference pairs [(prompt, chosen, rejected)] -> one shared, right-padded row per pair (a
     dict of tensors).
 
     Layout, for prompt p0 p1 p2, chosen c0 c1 E, rejected r0 E (E = EOS; P=3, C=3, R=2, one pad
@@ -354,6 +359,240 @@ def collate_prefix_shared(pairs, pad_id, length=None):
     return {"idx": idx, "targets": targets, "pos": pos, "attn_mask": attn_mask[:, None],
             "chosen_mask": chosen_mask, "rejected_mask": rejected_mask,
             "first_index": first_index, "first_target": first_target}
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing (--packing)
+#
+# A padded batch holds each example in a row of its own, every row as long as the longest. On data
+# whose lengths vary several-fold (most real preference data), half a step's tokens can be padding,
+# and the transformer computes all of it. Packing lays the examples end to end instead; each one,
+# a *segment*, keeps its own positions and attends only within itself, so every token sees what it
+# sees in its padded row and the log-probs are the same (up to float rounding).
+#
+# Three segments of 4, 3 and 2 tokens (a, b, c), padded and packed:
+#
+#     padded (3 rows x 4)        packed (1 row x 9)
+#     a0 a1 a2 a3                a0 a1 a2 a3 b0 b1 b2 c0 c1
+#     b0 b1 b2 pad               doc  0  0  0  0  1  1  1  2  2    which segment a column holds
+#     c0 c1 pad pad              pos  0  1  2  3  0  1  2  0  1    restart at every segment
+#
+# and the packed row's attention, True (x) where a query may attend a key: causal within a segment,
+# never across (a block-diagonal mask). Prefix-shared pairs pack the same way, each segment then
+# one [prompt | chosen | rejected] row with its own mask (collate_prefix_shared) as its block.
+#
+#              a0 a1 a2 a3 b0 b1 b2 c0 c1
+#         a0   x
+#         a1   x  x
+#         a2   x  x  x
+#         a3   x  x  x  x
+#         b0               x
+#         b1               x  x
+#         b2               x  x  x
+#         c0                        x
+#         c1                        x  x
+#
+# The trunk's matmuls (q, k, v, the MLP: most of the FLOPs) run on the packed row, 9 tokens here
+# instead of 12. Attention keeps to each segment: on a GPU FlexAttention reads the mask above and
+# skips its empty blocks; on a CPU model.Segments gathers the segments' queries, keys and values
+# into a padded layout of its own, segments of similar length side by side (attention_groups),
+# runs causal attention there, and puts the outputs back into the packed row (pack's index and
+# inverse say where each token goes).
+#
+# Every scored token keeps its place: `ids` says which response's sum it belongs to, so the summed
+# log-probs come back as the usual (B,) tensors in the batch's own order, and the losses, the
+# gradient accumulation shares and the DDP sharding see the same pairs as without packing.
+
+
+def place_segments(lengths, budget=0):
+    """Segment lengths [n_0, n_1, ...] -> ([(row, offset) per segment], number of rows): where each
+    segment goes in a packed batch of rows of at most `budget` tokens. budget 0: one row, the
+    segments in their order. Else first-fit decreasing: longest first, each into the first row
+    with room (so no two segments longer than half the budget share a row)."""
+    if budget == 0:
+        offsets = [sum(lengths[:s]) for s in range(len(lengths))]
+        return [(0, o) for o in offsets], 1
+    if max(lengths) > budget:
+        raise UserError(f"pack_tokens={budget}: a row of {max(lengths)} tokens does not fit; use "
+                        f"--pack_tokens={max(lengths)} or more (0: one row per micro-batch)")
+    places = [None] * len(lengths)
+    filled = []  # tokens used in each row so far
+    order = sorted(range(len(lengths)), key=lambda s: -lengths[s])  # stable: ties keep their order
+    for s in order:
+        row = next((r for r, used in enumerate(filled) if used + lengths[s] <= budget), None)
+        if row is None:
+            row = len(filled)
+            filled.append(0)
+        places[s] = (row, filled[row])
+        filled[row] += lengths[s]
+    return places, len(filled)
+
+
+def check_pack_tokens(pack_tokens, block_size, prefix_sharing=False):
+    """Stop with one line when a packed row of pack_tokens tokens could not hold the longest
+    segment: block_size tokens, or 2 * block_size - 1 for a prefix-shared pair."""
+    longest = 2 * block_size - 1 if prefix_sharing else block_size
+    if 0 < pack_tokens < longest:
+        raise UserError(f"pack_tokens={pack_tokens} cannot hold the longest row, {longest} tokens "
+                        f"(block_size {block_size}{', prefix-shared' if prefix_sharing else ''}): "
+                        f"use --pack_tokens={longest} or more (0: one row per micro-batch)")
+
+
+def scored_entries(batch):
+    """The scored tokens of a padded batch (collate, collate_pairs or collate_prefix_shared) as flat
+    (S*L,) entries: (flat position s * L + l, target, id, rank), long tensors each. id: whose summed
+    log-prob the token adds to (row s for collate's rows; pair s's chosen response s, its rejected
+    one B + s for prefix-shared rows); rank: its place in that response, 1 for the first token
+    (LD-DPO needs it). A prefix-shared row's first rejected token is predicted at the last prompt
+    column (first_index), which predicts c0 as well: it becomes an entry of its own there."""
+    S, L = batch["idx"].shape
+    flat = torch.arange(S * L).view(S, L)
+    rows = torch.arange(S)[:, None].expand(S, L)
+    parts = []  # (mask, id, rank offset)
+    if "mask" in batch:
+        parts.append((batch["mask"], rows, 0))
+    else:
+        parts.append((batch["chosen_mask"], rows, 0))
+        # the first rejected token (rank 1) is the separate entry below
+        parts.append((batch["rejected_mask"], rows + S, 1))
+    out = []
+    for mask, ids, offset in parts:
+        keep = mask.bool()
+        rank = mask.long().cumsum(1) + offset
+        out.append((flat[keep], batch["targets"][keep], ids[keep], rank[keep]))
+    if "first_index" in batch:
+        first = torch.arange(S) * L + batch["first_index"]
+        ones = torch.ones(S, dtype=torch.long)
+        out.append((first, batch["first_target"], torch.arange(S) + S, ones))
+    return [torch.cat(column) for column in zip(*out)]
+
+
+# model.Segments attends in groups of segments of similar length, each group padded to its longest:
+# a segment joins the current group while it is at least this fraction of the group's longest, so
+# at most a quarter of a group's slots are padding (of its attention's work, at most about 44%:
+# the work grows with the square of the length)
+GROUP_RATIO = 0.75
+
+
+def attention_groups(lengths, multiple=1, limit=None):
+    """Segment lengths -> [(segments, width)]: the segments, longest first, in groups of similar
+    length (GROUP_RATIO), and each group's width: its longest, rounded up to `multiple` (at most
+    `limit`, the padded rows' own width, which a segment never exceeds)."""
+    order = sorted(range(len(lengths)), key=lambda s: -lengths[s])
+    groups = []
+    for s in order:
+        if not groups or lengths[s] < GROUP_RATIO * lengths[groups[-1][0]]:
+            groups.append([])
+        groups[-1].append(s)
+    out = []
+    for segments in groups:
+        width = round_up(lengths[segments[0]], multiple)
+        if limit is not None:
+            width = min(width, limit)
+        out.append((segments, width))
+    return out
+
+
+def pack(batch, lengths, pad_id, budget=0, multiple=1, group_multiple=1):
+    """A padded batch of S rows (collate, collate_pairs or collate_prefix_shared; tensors (S, L))
+    and the real length of each row -> the same examples packed (the diagram above), a dict:
+
+        idx, pos, doc (R, T) long   tokens, positions (restarting per segment) and segment ids of
+                                    the packed rows (doc -1 on the padding after the last segment)
+        local (R, T) long           each column's place in its segment (flex's mask reads it)
+        cols, targets, ids, rank    (R, K) long: each packed row's scored tokens (scored_entries),
+                                    in column order, padded with ids -1 to the longest row's count
+        n_sums                      int: how many summed log-probs the ids index (S, or 2S for
+                                    prefix-shared pairs)
+        seg_mask                    None (causal segments), or collate_prefix_shared's (S, 1, L, L)
+
+    and the layout model.Segments attends in (attention_layout): the segments in groups
+    (attention_groups), group g a block of S_g segments x L_g slots, the blocks one after another:
+
+        groups                      [(S_g, L_g)]
+        group_masks                 None, or per group its segments' seg_mask, (S_g, 1, L_g, L_g)
+        index (slots,) long         slot -> flat packed position r * T + t (a slot past its
+                                    segment's end: 0, a real token that no real query sees)
+        inverse (R * T,) long       flat packed position -> slot (a padding column: 0, whose output
+                                    it then holds, read by nothing that is scored)
+        slot_real (slots,) bool     the slots inside their segment
+
+    pad_id fills the columns after the last segment. budget: tokens per packed row (place_segments;
+    0: one row). multiple: T and K are rounded up to a multiple of it, group_multiple the groups'
+    widths (torch.compile's shapes)."""
+    S, L = batch["idx"].shape
+    places, R = place_segments(lengths, budget)
+    T = round_up(max(offset + n for (_, offset), n in zip(places, lengths)), multiple)
+    pos = batch.get("pos")
+    if pos is None:
+        pos = torch.arange(L).expand(S, L)
+    idx = torch.full((R * T,), pad_id, dtype=torch.long)
+    packed_pos = torch.zeros(R * T, dtype=torch.long)
+    doc = torch.full((R * T,), -1, dtype=torch.long)
+    local = torch.zeros(R * T, dtype=torch.long)
+    packed_at = torch.zeros((S, L), dtype=torch.long)  # padded (s, l) -> flat packed position
+    for s, ((row, offset), n) in enumerate(zip(places, lengths)):
+        start = row * T + offset
+        where = torch.arange(start, start + n)
+        packed_at[s, :n] = where
+        idx[where] = batch["idx"][s, :n]
+        packed_pos[where] = pos[s, :n]
+        doc[where] = s
+        local[where] = torch.arange(n)
+    out = scored_by_row(batch, packed_at, R, T, multiple)
+    out.update(attention_layout(batch, lengths, packed_at, R * T, group_multiple))
+    return dict(out, idx=idx.view(R, T), pos=packed_pos.view(R, T), doc=doc.view(R, T),
+                local=local.view(R, T), seg_mask=batch.get("attn_mask"))
+
+
+def attention_layout(batch, lengths, packed_at, n_packed, multiple=1):
+    """pack's attention layout (its docstring): groups, group_masks, index, inverse, slot_real.
+    Segment s of group g sits at slots base_g + j * L_g + l, j its place in the group."""
+    S, L = batch["idx"].shape
+    groups = attention_groups(lengths, multiple, limit=L)
+    n_slots = sum(len(segments) * width for segments, width in groups)
+    index = torch.zeros(n_slots, dtype=torch.long)
+    slot_real = torch.zeros(n_slots, dtype=torch.bool)
+    inverse = torch.zeros(n_packed, dtype=torch.long)
+    base = 0
+    for segments, width in groups:
+        for j, s in enumerate(segments):
+            n = lengths[s]
+            slots = torch.arange(base + j * width, base + j * width + n)
+            index[slots] = packed_at[s, :n]
+            slot_real[slots] = True
+            inverse[packed_at[s, :n]] = slots
+        base += len(segments) * width
+    group_masks = None
+    if "attn_mask" in batch:
+        group_masks = [batch["attn_mask"][segments][:, :, :width, :width]
+                       for segments, width in groups]
+    return {"groups": [(len(segments), width) for segments, width in groups],
+            "group_masks": group_masks, "index": index, "inverse": inverse,
+            "slot_real": slot_real}
+
+
+def scored_by_row(batch, packed_at, R, T, multiple=1):
+    """pack's scored tokens (scored_entries) moved to their packed columns and listed row by row:
+    cols, targets, ids, rank (R, K), K the most any row has (rounded up to `multiple`), and
+    n_sums."""
+    slot, targets, ids, rank = scored_entries(batch)
+    where = packed_at.flatten()[slot]
+    order = torch.argsort(where, stable=True)
+    where, targets, ids, rank = where[order], targets[order], ids[order], rank[order]
+    row_of = where // T
+    counts = torch.bincount(row_of, minlength=R)
+    K = round_up(int(counts.max()), multiple)
+    # each entry's place within its row's list
+    k = torch.arange(len(where)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    out = {name: torch.zeros((R, K), dtype=torch.long) for name in ("cols", "targets", "rank")}
+    out["ids"] = torch.full((R, K), -1, dtype=torch.long)
+    out["cols"][row_of, k] = where % T
+    out["targets"][row_of, k] = targets
+    out["ids"][row_of, k] = ids
+    out["rank"][row_of, k] = rank
+    out["n_sums"] = 2 * batch["idx"].size(0) if "first_index" in batch else batch["idx"].size(0)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

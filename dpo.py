@@ -10,6 +10,7 @@ $ python dpo.py --loss_type=sft           # the honest baseline: continued SFT o
 $ python dpo.py config/lora.py            # LoRA: the reference is the policy without its adapters
 $ python dpo.py --loss_type=dpo+bco+sft --loss_weights=0.8,0.2,1.0   # a weighted sum (MPO)
 $ python dpo.py --report_to=tensorboard   # also to TensorBoard (or wandb, trackio)
+$ python dpo.py --packing=True            # pairs end to end in a row, no padding (data.pack)
 $ torchrun --standalone --nproc_per_node=2 dpo.py    # DDP; the global batch stays the same
 
 Top to bottom: the settings; 1. the policy and its frozen copy, the reference; 2. the pairs; 3. the
@@ -33,9 +34,10 @@ import torch
 
 import losses
 from configurator import apply_overrides, check_config, install_error_handler
-from data import BatchOrder, Tokenizer, check_rows_fit, encode_pair_rows
-from logprobs import (average_logps, concatenated_logps, concatenated_tokens, logprob_path,
-                      logps_table, prefix_shared_logps, prefix_shared_tokens)
+from data import BatchOrder, Tokenizer, check_pack_tokens, check_rows_fit, encode_pair_rows
+from logprobs import (Packing, average_logps, concatenated_logps, concatenated_tokens,
+                      logprob_path, logps_table, packed_logps, prefix_shared_logps,
+                      prefix_shared_tokens)
 from nanopo import checkpoint, kto, runtime
 from nanopo.formats import cached_encode, dataset_kind, load_splits, write_jsonl
 from nanopo.logger import (Logger, Trackers, check_report_to, model_flops_per_token, peak_rss_mb,
@@ -85,7 +87,9 @@ reference_free = False    # dpo/ipo/hinge/...: a uniform reference (log-probs 0)
 rpo_alpha = 0.0           # > 0: add rpo_alpha * NLL of the chosen response to a pairwise loss (RPO)
 precompute_ref = False    # one no-grad pass computes the reference log-probs, then frees the model
 prefix_sharing = False    # one row [prompt | chosen | rejected] per pair: the prompt runs once
-attention = "auto"        # prefix-shared rows: 'flex' (FlexAttention), 'sdpa'; 'auto': flex on CUDA
+packing = False           # several pairs per row, end to end, no padding between them (data.pack)
+pack_tokens = 0           # packing: tokens a row may hold; 0 = one row per micro-batch
+attention = "auto"        # prefix-shared or packed rows: 'flex', 'sdpa'; 'auto': flex on CUDA
 logprobs = "auto"         # 'chunked': LM head at response positions only; 'plain'; 'auto': by vocab
 logprob_chunk = 1024      # chunked: logit rows at a time (memory ~ chunk x V x 4 B); 0: all, kept
 # data: the embedded task (default), or a dataset (README: "Your own data")
@@ -158,7 +162,7 @@ if loss_type == "kto":
 if compile is None:
     compile = process.device_type == "cuda"
     config["compile"] = compile
-use_flex = runtime.use_flex_attention(attention, prefix_sharing, process)
+use_flex = runtime.use_flex_attention(attention, prefix_sharing or packing, process)
 
 # 1. the policy: the SFT model (or the run being resumed, or fresh weights), and the reference, a
 # frozen copy of it. simpo, orpo and sft never use a reference, nor does --reference_free.
@@ -169,6 +173,8 @@ start = checkpoint.dpo_start(config, use_reference)
 policy = runtime.prepare_model(start.policy.to(process.device), config, process)
 tok = Tokenizer(start.tokenizer)
 block_size = policy.config.block_size  # the checkpoint's
+# (KTO's rows are never prefix-shared)
+check_pack_tokens(pack_tokens, block_size, prefix_sharing and loss_type != "kto")
 reference = None
 if use_reference and lora_rank:
     # LoRA: the reference is the policy itself with its adapters switched off, no second copy
@@ -253,6 +259,10 @@ pairs_s = time.time() - t_pairs
 logprob_kind = logprob_path(logprobs, policy.config.vocab_size)
 # with compile, lengths are padded to a multiple of 16, so fewer shapes need a graph of their own
 pad_multiple = 16 if compile else 1
+# --packing: rows of at most pack_tokens tokens, attention by FlexAttention or model.Segments
+row_packing = None
+if packing:
+    row_packing = Packing(pack_tokens, flex=use_flex)
 
 
 def pair_logps(model, batch, wpo=False):
@@ -260,6 +270,12 @@ def pair_logps(model, batch, wpo=False):
     EOS), and their token counts: (chosen_logps, rejected_logps, chosen_n, rejected_n), (B,) each.
     With wpo, a fifth: each pair's WPO weight. LD-DPO (--ld_alpha < 1) discounts both models' long
     tails."""
+    if packing:
+        # several pairs per row, end to end, no padding between them (data.pack draws a row); with
+        # prefix_sharing, each pair is one [prompt | chosen | rejected] segment
+        return packed_logps(model, batch, tok.pad_id, block_size, process.device, pad_multiple,
+                            packing=row_packing, prefix_sharing=prefix_sharing,
+                            logprobs=logprob_kind, chunk=logprob_chunk, ld_alpha=ld_alpha, wpo=wpo)
     if prefix_sharing:
         # one packed row [prompt | chosen | rejected] per pair: the shared prompt runs once
         return prefix_shared_logps(model, batch, tok.pad_id, block_size, process.device,
@@ -325,7 +341,8 @@ def compute_loss(policy_model, reference_model, batch, table_rows=None):
         # unpaired examples, with a KL reference point from mismatched rows: nanopo/kto.py
         return kto.batch_loss(policy_model, reference_model, batch, beta, desirable_weight,
                               undesirable_weight, process, pad_id=tok.pad_id, block_size=block_size,
-                              multiple=pad_multiple, logprobs=logprob_kind, chunk=logprob_chunk)
+                              multiple=pad_multiple, logprobs=logprob_kind, chunk=logprob_chunk,
+                              packing=row_packing)
     # The reference's first: its temporaries are freed before the policy's activations pile up.
     reference_chosen_logps, reference_rejected_logps = reference_logps(reference_model, batch,
                                                                        table_rows)

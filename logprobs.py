@@ -8,8 +8,10 @@ Log-probabilities of responses, the quantity every preference loss is a function
     average_logps        summed log-prob / token count: the per-token mean (0 for an empty response)
     concatenated_logps   a model + pairs -> chosen and rejected log-probs from ONE forward over
                          2B rows
-    prefix_shared_logps  the same from B packed rows [prompt | chosen | rejected]: the prompt runs
-                         once (packed_row_logps: the same from such rows' logits)
+    prefix_shared_logps  the same from B rows [prompt | chosen | rejected]: the prompt runs once
+                         (prefix_shared_row_logps: the same from such rows' logits)
+    packed_logps         the same from packed rows (--packing, data.pack): several pairs per row,
+                         no padding between them (completion_logps packs SFT's and KTO's rows)
     completion_logps     a model + (prompt, completion) rows -> summed log-probs and token counts
                          (SFT, KTO)
     logps_table          a model + all pairs -> their summed log-probs as a table
@@ -40,14 +42,20 @@ dtype: losses take differences of sums of them, and bf16 rounding would swamp a 
 
 import torch
 
-from data import collate, collate_pairs, collate_prefix_shared, padded_length
-from model import block_mask
+from data import collate, collate_pairs, collate_prefix_shared, pack, padded_length
+from model import Segments, block_mask, document_block_mask
 
 
 def token_logps(logits, targets):
-    """logits (B, T, V) in any dtype, targets (B, T) -> log p(targets) (B, T) in float32."""
-    logps = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    """logits (B, T, V) in any dtype, targets (B, T) -> log p(targets) (B, T) in float32 (float64
+    for float64 logits, as the chunked path gives them)."""
+    logps = torch.log_softmax(at_least_float32(logits), dim=-1)  # (B, T, V)
     return torch.gather(logps, 2, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def at_least_float32(x):
+    """bf16 / fp16 -> float32; float32 and float64 as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def summed_logps(per_token, mask):
@@ -106,26 +114,27 @@ def concatenated_logps(model, pairs, pad_id, block_size, device, multiple=1, log
 
 def prefix_shared_logps(model, pairs, pad_id, block_size, device, multiple=1, flex=False,
                         logprobs="plain", chunk=1024, ld_alpha=1.0, wpo=False):
-    """The same four (B,) tensors as concatenated_logps, from B packed rows [prompt | chosen |
-    rejected]: an attention mask keeps the two branches apart and position ids restart after the
-    prompt, so every token sees what it sees in its plain row (data.collate_prefix_shared draws the
-    layout). flex: the mask as a FlexAttention BlockMask (GPUs), else a boolean mask for SDPA.
-    logprobs, chunk, ld_alpha, wpo: as in concatenated_logps."""
+    """The same four (B,) tensors as concatenated_logps, from B prefix-shared rows [prompt |
+    chosen | rejected]: an attention mask keeps the two branches apart and position ids restart
+    after the prompt, so every token sees what it sees in its plain row
+    (data.collate_prefix_shared draws the layout). flex: the mask as a FlexAttention BlockMask
+    (GPUs), else a boolean mask for SDPA. logprobs, chunk, ld_alpha, wpo: as in
+    concatenated_logps."""
     T = max(len(p) + len(c) + len(r) - 2 for p, c, r in pairs)
     batch = collate_prefix_shared(pairs, pad_id, padded_length(T, 2 * block_size, multiple))
     if _chunked(logprobs) and not wpo:
         # per_token is (B, K + 1): the first rejected token comes back as the last column
         # (scored_columns)
         per_token, scored = chunked_token_logps(model, batch, device, chunk, multiple, flex)
-        return _packed_sums(per_token[:, :-1], scored["chosen_mask"][:, :-1],
+        return _prefix_shared_sums(per_token[:, :-1], scored["chosen_mask"][:, :-1],
                             scored["rejected_mask"][:, :-1], per_token[:, -1], ld_alpha)
     batch = {k: v.to(device) for k, v in batch.items()}
     mask = block_mask(batch["attn_mask"]) if flex else batch["attn_mask"]  # (B, 1, T, T) bool
     logits = model(batch["idx"], pos=batch["pos"], attn_mask=mask)  # (B, T, V)
-    return packed_row_logps(logits, batch, ld_alpha, wpo)
+    return prefix_shared_row_logps(logits, batch, ld_alpha, wpo)
 
 
-def packed_row_logps(logits, batch, ld_alpha=1.0, wpo=False):
+def prefix_shared_row_logps(logits, batch, ld_alpha=1.0, wpo=False):
     """Logits (B, T, V) of a data.collate_prefix_shared batch -> (chosen_logps, rejected_logps,
     chosen_n, rejected_n), (B,) each, as the concatenated forward gives them (and with ld_alpha,
     wpo, as it does)."""
@@ -135,7 +144,7 @@ def packed_row_logps(logits, batch, ld_alpha=1.0, wpo=False):
     rows = torch.arange(logits.size(0), device=logits.device)
     first_logits = logits[rows, batch["first_index"]][:, None]
     first_logps = token_logps(first_logits, batch["first_target"][:, None])[:, 0]  # (B,)
-    out = _packed_sums(per_token, batch["chosen_mask"], batch["rejected_mask"], first_logps,
+    out = _prefix_shared_sums(per_token, batch["chosen_mask"], batch["rejected_mask"], first_logps,
                        ld_alpha)
     if wpo:
         chosen_n, rejected_n = out[2], out[3]
@@ -147,9 +156,9 @@ def packed_row_logps(logits, batch, ld_alpha=1.0, wpo=False):
     return out
 
 
-def _packed_sums(per_token, chosen_mask, rejected_mask, first_logps, ld_alpha):
-    """A packed row's summed log-probs and counts from its per-token log-probs, the branches' masks
-    and the first rejected token's log-prob (B,), which the masks leave out."""
+def _prefix_shared_sums(per_token, chosen_mask, rejected_mask, first_logps, ld_alpha):
+    """A prefix-shared row's summed log-probs and counts from its per-token log-probs, the
+    branches' masks and the first rejected token's log-prob (B,), which the masks leave out."""
     chosen_logps, chosen_n = summed_logps(per_token, chosen_mask)
     rejected_logps, rejected_n = summed_logps(per_token, rejected_mask)
     rejected_n = rejected_n + 1
@@ -162,11 +171,18 @@ def _packed_sums(per_token, chosen_mask, rejected_mask, first_logps, ld_alpha):
 
 
 def completion_logps(model, seqs, pad_id, block_size, device, multiple=1, logprobs="plain",
-                     chunk=1024):
+                     chunk=1024, packing=None):
     """[(prompt_ids, completion_ids)] rows -> (summed log-probs, token counts), (B,) each: SFT's
-    rows, KTO's unpaired examples."""
+    rows, KTO's unpaired examples. packing: None (padded rows), or a Packing: the rows packed
+    (packed_token_logps)."""
     T = max(len(p) + len(r) for p, r in seqs) - 1
     idx, targets, mask = collate(seqs, pad_id, padded_length(T, block_size, multiple))
+    if packing is not None:
+        rows = {"idx": idx, "targets": targets, "mask": mask}
+        lengths = [len(p) + len(r) - 1 for p, r in seqs]
+        per_token, _, batch = packed_token_logps(model, rows, lengths, pad_id, device, multiple,
+                                                 packing, logprobs, chunk)
+        return sums_by_id(per_token, batch["ids"], batch["n_sums"])
     if _chunked(logprobs):
         batch = {"idx": idx, "targets": targets, "mask": mask}
         per_token, scored = chunked_token_logps(model, batch, device, chunk, multiple)
@@ -187,6 +203,128 @@ def logps_table(pair_logps, model, pairs, batch_size, autocast):
             chosen, rejected, _, _ = pair_logps(model, pairs[i:i + batch_size])
         table[i:i + batch_size] = torch.stack([chosen, rejected], dim=1).float().cpu()
     return table
+
+
+# --------------------------------------------------------------------------------------------------
+# Packed rows (--packing): several pairs per row, no padding between them (data.pack draws one)
+
+class Packing:
+    """How to pack: pack_tokens, the tokens a packed row may hold (0: one row per micro-batch);
+    flex, the attention: FlexAttention's document mask (a GPU's default) or model.Segments (a CPU,
+    or --attention=sdpa)."""
+
+    def __init__(self, pack_tokens=0, flex=False):
+        self.pack_tokens = pack_tokens
+        self.flex = flex
+
+
+def packed_logps(model, pairs, pad_id, block_size, device, multiple=1, packing=None,
+                 prefix_sharing=False, logprobs="plain", chunk=1024, ld_alpha=1.0, wpo=False):
+    """The same four (B,) tensors as concatenated_logps (five with wpo), from packed rows: each
+    pair's two rows [prompt | chosen] and [prompt | rejected] (or, with prefix_sharing, its one row
+    [prompt | chosen | rejected]) laid end to end with the other pairs' (data.pack). Each segment
+    keeps its positions and attends within itself, so the numbers are the padded layout's, but the
+    trunk runs no padding. packing: a Packing; logprobs, chunk, ld_alpha, wpo: as in
+    concatenated_logps."""
+    packing = packing or Packing()
+    B = len(pairs)
+    # the padded rows first (their masks and targets say what is scored), then packed
+    if prefix_sharing:
+        lengths = [len(p) + len(c) + len(r) - 2 for p, c, r in pairs]
+        width = padded_length(max(lengths), 2 * block_size, multiple)
+        rows = collate_prefix_shared(pairs, pad_id, width)
+    else:
+        lengths = ([len(p) + len(c) - 1 for p, c, _ in pairs]
+                   + [len(p) + len(r) - 1 for p, _, r in pairs])
+        width = padded_length(max(lengths), block_size, multiple)
+        idx, targets, mask = collate_pairs(pairs, pad_id, width)
+        rows = {"idx": idx, "targets": targets, "mask": mask}
+    per_token, log_w, batch = packed_token_logps(model, rows, lengths, pad_id, device, multiple,
+                                                 packing, logprobs, chunk, wpo)
+    # ids 0..B-1: the chosen responses, B..2B-1: the rejected ones, in the pairs' order
+    ids = batch["ids"]
+    logps, n_tokens = sums_by_id(per_token, ids, 2 * B)  # (2B,) each
+    if ld_alpha != 1.0:
+        # LD-DPO (length_desensitized): tokens past the pair's shared length count ld_alpha times
+        public_n = torch.minimum(n_tokens[:B], n_tokens[B:]).repeat(2)  # (2B,)
+        shared = batch["rank"] <= public_n[ids.clamp(min=0)]  # (R, K)
+        weighted = torch.where(shared, per_token, ld_alpha * per_token)
+        logps = sums_by_id(weighted, ids, 2 * B)[0]
+    out = (logps[:B], logps[B:], n_tokens[:B], n_tokens[B:])
+    if wpo:
+        log_w = sums_by_id(log_w, ids, 2 * B)[0]
+        out += (wpo_weights(log_w[:B], log_w[B:], n_tokens[:B], n_tokens[B:]),)
+    return out
+
+
+def packed_token_logps(model, rows, lengths, pad_id, device, multiple, packing, logprobs, chunk,
+                       wpo=False):
+    """Padded rows (collate, collate_pairs or collate_prefix_shared) and their real lengths ->
+    packed (packed_batch) -> the model (packed_batch_logps): (per-token log-probs (R, K) at the
+    scored tokens, float32; WPO's per-token log-weights there with wpo, else None; the packed batch
+    on the device, whose ids (R, K) say whose sum each token adds to)."""
+    batch = packed_batch(rows, lengths, pad_id, device, multiple, packing)
+    per_token, log_w = packed_batch_logps(model, batch, logprobs, chunk, wpo)
+    return per_token, log_w, batch
+
+
+def packed_batch(rows, lengths, pad_id, device, multiple, packing):
+    """The host's half: padded rows -> data.pack's dict on the device, plus its attention,
+    'attn_mask': FlexAttention's document mask or model.Segments."""
+    packed_multiple = multiple
+    if packing.pack_tokens == 0 and multiple > 1:
+        # compile: one row stands in for S padded rows, so rounding its length to S times the
+        # multiple leaves as few shapes (graphs to compile) as rounding each row to the multiple
+        packed_multiple = multiple * len(lengths)
+    # each attention group's width: rounded up as a padded row's length would be
+    batch = pack(rows, lengths, pad_id, packing.pack_tokens, packed_multiple,
+                 group_multiple=multiple)
+    seg_mask = batch.pop("seg_mask")
+    group_masks = batch.pop("group_masks")
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if packing.flex:
+        if seg_mask is not None:
+            seg_mask = seg_mask.to(device)
+        batch["attn_mask"] = document_block_mask(batch["doc"], batch["local"], seg_mask)
+    else:
+        if group_masks is not None:
+            group_masks = [m.to(device) for m in group_masks]
+        packed_real = batch["doc"].flatten() >= 0
+        batch["attn_mask"] = Segments(batch["index"], batch["inverse"], packed_real,
+                                      batch["slot_real"], batch["groups"], group_masks)
+    return batch
+
+
+def packed_batch_logps(model, batch, logprobs, chunk, wpo=False):
+    """The model's half: a packed_batch -> (per-token log-probs (R, K) at its scored tokens,
+    float32; WPO's per-token log-weights there with wpo, else None)."""
+    if _chunked(logprobs) and not wpo:
+        # the LM head at the scored tokens only, as on the padded chunked path
+        per_token = model(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"],
+                          score=(batch["cols"], batch["targets"]), chunk=chunk)  # (R, K)
+        return per_token, None
+    logits = model(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"])  # (R, T, V)
+    # the logits at the scored columns, (R, K, V); a column that predicts two targets (a
+    # prefix-shared pair's last prompt column: c0 and r0) is read twice
+    rows = torch.arange(logits.size(0), device=logits.device)[:, None]
+    logits = logits[rows, batch["cols"]]
+    per_token = token_logps(logits, batch["targets"])  # (R, K)
+    log_w = None
+    if wpo:
+        log_w = wpo_token_logps(logits, batch["targets"])
+    return per_token, log_w
+
+
+def sums_by_id(values, ids, n):
+    """Per-token values (R, K) summed by ids (R, K) into n sums, ids -1 left out -> (sums, counts),
+    (n,) each: a packed batch's summed log-probs and token counts per response."""
+    keep = ids >= 0
+    # where, not multiply: a padding entry's value must not reach a sum, even as NaN * 0
+    values = torch.where(keep, values, torch.zeros_like(values)).flatten()
+    slots = ids.clamp(min=0).flatten()
+    sums = values.new_zeros(n).scatter_add(0, slots, values)
+    counts = values.new_zeros(n).scatter_add(0, slots, keep.flatten().to(values.dtype))
+    return sums, counts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +362,7 @@ def wpo_token_logps(logits, targets):
     sum_v p(v)^2 is the probability the policy gives, on average, to a token sampled from itself, so
     dividing by it makes a response the policy would itself produce weigh ~1 at every position,
     however peaked the distribution is."""
-    logps = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    logps = torch.log_softmax(at_least_float32(logits), dim=-1)  # (B, T, V)
     target_logps = torch.gather(logps, 2, targets.unsqueeze(-1)).squeeze(-1)
     return target_logps - torch.logsumexp(2 * logps, dim=-1)
 
@@ -281,9 +419,9 @@ def scored_columns(batch, multiple=1):
         targets  p1  p2  c0  c1  E   pad      ->  cols 2 3 4, targets c0 c1 E, mask 1 1 1
         mask     0   0   1   1   1   0
 
-    A packed row's first rejected token, predicted from the last prompt column (first_index),
-    becomes one more column at the end, counted by rejected_mask: the hidden state of that column is
-    gathered twice."""
+    A prefix-shared row's first rejected token, predicted from the last prompt column
+    (first_index), becomes one more column at the end, counted by rejected_mask: the hidden state
+    of that column is gathered twice."""
     masks = [k for k in MASKS if k in batch]
     scored = sum(batch[k] for k in masks) > 0  # (B, T) bool
     K = padded_length(int(scored.sum(1).max()), scored.size(1), multiple)

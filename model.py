@@ -1,8 +1,8 @@
 """
 A self-contained GPT, readable top to bottom, in the spirit of nanoGPT's model.py and in its
 order: GPTConfig, CausalSelfAttention, MLP, Block, GPT. After that core come the extras, each under
-its own header: the KV cache, the FlexAttention helpers, the chunked target log-probs and activation
-checkpointing.
+its own header: the KV cache, the FlexAttention helpers, packed rows' attention on a CPU, the
+chunked target log-probs and activation checkpointing.
 
 It keeps GPT-2's parameter layout (transformer.wte / wpe / h.N.{ln_1, attn.c_attn, attn.c_proj,
 ln_2, mlp.c_fc, mlp.c_proj} / ln_f, and an lm_head tied to wte), so GPT-2 weights can be mapped in
@@ -11,8 +11,8 @@ one-to-one.
 GPT.forward returns one tensor. By default that is the logits; with `score` it is the log-probs of
 given target tokens, which is what preference optimisation needs (logprobs.py sums them per
 response). Beyond nanoGPT the model offers:
-  - optional position ids and attention masks, so left-padded batches and prefix-shared sequences
-    work;
+  - optional position ids and attention masks, so left-padded batches, prefix-shared sequences
+    and packed rows work;
   - the scoring head (`score`): the LM head runs only at the positions whose next token is scored,
     and `target_logps` turns their hidden states into log p(target) a chunk of rows at a time, so no
     (rows x T x vocab) logits are ever held;
@@ -71,7 +71,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, attn_mask=None, cache=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        qkv = self.c_attn(x)
+        dropout_p = self.dropout if self.training else 0.0
+        if isinstance(attn_mask, Segments):
+            # packed rows (data.pack, --packing): each segment attends within itself only
+            y = attn_mask.attend(qkv, self.n_head, dropout_p)
+            return self.resid_dropout(self.c_proj(y))
+        q, k, v = qkv.split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
@@ -80,7 +86,6 @@ class CausalSelfAttention(nn.Module):
             # generation: the new tokens attend to the cached ones too; k, v become
             # (B, n_head, tokens so far, head_size)
             k, v = cache.append(self.layer_idx, k, v)
-        dropout_p = self.dropout if self.training else 0.0
         if attn_mask is None:
             # The common case: plain causal attention, which lets SDPA pick its fastest kernel. A
             # single query (one new token after cached ones) sees every key: is_causal would align
@@ -207,8 +212,9 @@ class GPT(nn.Module):
             logits (self.scored_logps; `chunk` rows of logits at a time, 0 = all at once).
 
         idx: (B, T) token ids. pos: (B, T) or (T,) position ids, default 0..T-1.
-        attn_mask: None for causal attention, bool (B, 1, T, T) with True = may attend, or a
-        FlexAttention BlockMask (model.block_mask). cache: a KVCache (generation): idx are the
+        attn_mask: None for causal attention, bool (B, 1, T, T) with True = may attend, a
+        FlexAttention BlockMask (model.block_mask, model.document_block_mask), or the Segments of
+        packed rows. cache: a KVCache (generation): idx are the
         tokens after the cached ones, either all of the first ones or one at a time, and attn_mask,
         if any, is (B, 1, T, cached + T).
 
@@ -439,7 +445,7 @@ class KVCache:
 
 
 # --------------------------------------------------------------------------------------------------
-# FlexAttention helpers (prefix-shared masks on a GPU)
+# FlexAttention helpers (prefix-shared and packed masks on a GPU)
 
 FLEX_AVAILABLE = flex_attention is not None
 # flex_attention is only fast compiled; it is compiled once, on first use on a GPU
@@ -467,6 +473,118 @@ def block_mask(dense):
         return dense[b, 0, q, kv]
 
     return create_block_mask(may_attend, B, None, T, T, device=dense.device)
+
+
+def document_block_mask(doc, local, seg_mask=None, block=128):
+    """The attention of packed rows (data.pack) as a FlexAttention BlockMask: a query sees the keys
+    of its own segment only (doc (R, T), -1 on padding), causally, or as the segments' own mask
+    says (seg_mask (S, 1, L, L), read at the columns' places in their segment, local (R, T)).
+
+    FlexAttention computes only the (block x block) tiles the BlockMask lists. They are found from
+    the segments' extents, not by evaluating the mask at all T x T places (create_block_mask's way,
+    whose memory grows with T^2: a micro-batch packed into one row of 40k tokens would need GBs):
+    tile (q, k) is listed when one segment spans both and k <= q, or k = q (padding's diagonal)."""
+    R, T = doc.shape
+    n_blocks = -(-T // block)
+    listed = torch.eye(n_blocks, dtype=torch.bool).repeat(R, 1, 1)  # (R, n_blocks, n_blocks)
+    columns = torch.arange(T, device=doc.device)
+    for r in range(R):
+        for s in doc[r].unique().tolist():
+            if s < 0:
+                continue
+            where = columns[doc[r] == s]
+            first, last = where[0].item() // block, where[-1].item() // block
+            span = torch.ones(last - first + 1, last - first + 1, dtype=torch.bool).tril()
+            listed[r, first:last + 1, first:last + 1] |= span
+    # per query tile, the key tiles it computes: their count and indices (listed ones first)
+    kv_num_blocks = listed.sum(-1).int()[:, None]  # (R, 1, n_blocks)
+    kv_indices = torch.argsort(~listed, dim=-1, stable=True).int()[:, None]
+
+    def may_attend(b, h, q, kv):
+        same = doc[b, q] == doc[b, kv]
+        if seg_mask is None:
+            inside = kv <= q
+        else:
+            inside = seg_mask[doc[b, q].clamp(min=0), 0, local[b, q], local[b, kv]]
+        # the diagonal: no empty softmax row (NaN) on padding
+        return (same & inside) | (q == kv)
+
+    return BlockMask.from_kv_blocks(kv_num_blocks.to(doc.device), kv_indices.to(doc.device),
+                                    BLOCK_SIZE=block, mask_mod=may_attend, seq_lengths=(T, T))
+
+
+# --------------------------------------------------------------------------------------------------
+# Packed rows on a CPU: attention one segment at a time
+
+class Segments:
+    """Packed rows' attention without FlexAttention (on a CPU): each segment's queries, keys and
+    values are gathered back into a padded layout, attend there (causal, or with the segments' own
+    mask), and the outputs go back to their packed columns. So the matmuls before and after
+    attention (most of a block's FLOPs) run on the packed tokens only, and each segment's attention
+    is exactly its padded row's: a real query never sees a slot past its segment's end (causal) or
+    one its mask leaves out. The segments attend in groups of similar length
+    (data.attention_groups), each group padded to its longest, so attention itself computes
+    little padding either.
+    data.pack makes the layout. Measured against SDPA with a block-diagonal boolean mask over the
+    whole packed row, which is exact too but computes every query against every key, in
+    docs/scale_and_speed.md, "Packing" (bench/packed_attention.py)."""
+
+    def __init__(self, index, inverse, packed_real, slot_real, groups, masks=None):
+        self.index = index              # (slots,) long: the flat packed position of each slot
+        self.inverse = inverse          # (R * T,) long: the slot of each packed position
+        self.packed_real = packed_real  # (R * T,) bool: a segment's token, not padding
+        self.slot_real = slot_real      # (slots,) bool: a slot inside its segment
+        self.groups = groups            # [(S_g, L_g)]: group g's segments and their width
+        self.masks = masks              # None: causal; else per group (S_g, 1, L_g, L_g) bool
+
+    # torch.compile runs this eagerly (a graph break): its shapes, the groups', change with every
+    # batch, and a graph per shape would mean a recompile per step
+    @torch.compiler.disable
+    def attend(self, qkv, n_head, dropout_p=0.0):
+        """qkv (R, T, 3C), c_attn's output on packed rows -> attention's output (R, T, C)."""
+        R, T, C3 = qkv.shape
+        C = C3 // 3
+        # (R * T, 3C) -> (slots, 3C): one gather for q, k and v
+        qkv = Relayout.apply(qkv.view(R * T, C3), self.index, self.inverse, self.packed_real)
+        blocks = qkv.split([S_g * L_g for S_g, L_g in self.groups])
+        masks = self.masks or [None] * len(self.groups)
+        outputs = []
+        for (S_g, L_g), block, mask in zip(self.groups, blocks, masks):
+            # (S_g * L_g, 3C) -> three (S_g, n_head, L_g, head_size)
+            q, k, v = block.view(S_g, L_g, C3).split(C, dim=2)
+            q, k, v = (x.view(S_g, L_g, n_head, C // n_head).transpose(1, 2) for x in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                               is_causal=mask is None)
+            outputs.append(y.transpose(1, 2).reshape(S_g * L_g, C))
+        # (slots, C) -> each packed position's slot, (R, T, C)
+        y = Relayout.apply(torch.cat(outputs), self.inverse, self.index, self.slot_real)
+        return y.view(R, T, C)
+
+
+class Relayout(torch.autograd.Function):
+    """rows (N, C) -> rows[source] (M, C): moving tokens between the packed and the attention
+    layout. Each real token has one place in each, so the move is a permutation plus padding, and
+    its gradient is the move back, grad[back] with the padding's rows zero: a gather too.
+    (Autograd's own gradient of indexing is a scatter-add, which must allow for repeated indices:
+    on a CPU it cost an eighth of a packed step.)
+
+    Why this is exact: the true gradient of a real token's place is the gradient of its one place
+    in the other layout, plus the gradients of any padding places that read it (padding points at
+    a real row, 0). Those are 0: a padding slot is attended by no real query and its output is
+    never read; a padding column of a packed row is read by nothing that is scored."""
+
+    @staticmethod
+    def forward(ctx, rows, source, back, real):
+        # source (M,): the row of `rows` each output row copies; back (N,): the output row each
+        # row of `rows` went to; real (N,) bool: the rows of `rows` that are tokens, not padding
+        ctx.save_for_backward(back, real)
+        return rows.index_select(0, source)
+
+    @staticmethod
+    def backward(ctx, grad):
+        back, real = ctx.saved_tensors
+        grad = grad.index_select(0, back)
+        return torch.where(real[:, None], grad, torch.zeros_like(grad)), None, None, None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ $ python sft.py
 Smaller or different runs override any setting below:
 $ python sft.py --max_iters=200 --out_dir=out/sft_short
 $ python sft.py config/tiny_sft.py
+Rows of very different lengths (a dataset) run faster laid end to end, without padding (data.pack):
+$ python sft.py --dataset=my_data.jsonl --packing=True
 With DDP on 2 processes (gloo on CPU, nccl on GPUs); the global batch stays the same:
 $ torchrun --standalone --nproc_per_node=2 sft.py
 """
@@ -22,8 +24,8 @@ if "OMP_WAIT_POLICY" not in os.environ:
 import time  # noqa: E402  (the imports below load torch)
 
 from configurator import apply_overrides, check_config, install_error_handler
-from data import BatchOrder, Tokenizer, check_rows_fit, encode_sft_rows
-from logprobs import completion_logps, logprob_path
+from data import BatchOrder, Tokenizer, check_pack_tokens, check_rows_fit, encode_sft_rows
+from logprobs import Packing, completion_logps, logprob_path
 from losses import sft_loss
 from nanopo import checkpoint, runtime
 from nanopo.formats import cached_encode, load_splits
@@ -42,6 +44,9 @@ dtype = "auto"            # 'auto' = bfloat16 on CUDA when supported, else float
 compile = None            # torch.compile: None = on with CUDA, off on a CPU; or True / False
 logprobs = "auto"         # 'chunked': LM head at response positions only; 'plain'; 'auto': by vocab
 logprob_chunk = 1024      # chunked: logit rows at a time (memory ~ chunk x V x 4 B); 0: all, kept
+packing = False           # several rows end to end, no padding between them (data.pack)
+pack_tokens = 0           # packing: tokens a packed row may hold; 0 = one row per micro-batch
+attention = "auto"        # packed rows: 'flex' (FlexAttention), 'sdpa'; 'auto': flex on CUDA
 fsdp = False              # torchrun only: shard parameters, gradients, optimizer state (FSDP2)
 threads = 0               # CPU threads (torch.set_num_threads); 0 = torch's default, one per core
 eval_interval = 200
@@ -115,6 +120,7 @@ model = runtime.prepare_model(start.policy.to(process.device), config, process)
 # a resumed run keeps its checkpoint's tokenizer and block_size (sft_start wrote them into config)
 tok = Tokenizer(config["tokenizer"])
 block_size = config["block_size"]
+check_pack_tokens(pack_tokens, block_size)
 
 # the demonstrations: the embedded task's imperfect ones, or a dataset's
 eval_rows = []
@@ -149,6 +155,11 @@ if process.master:
 logprob_kind = logprob_path(logprobs, model.config.vocab_size)
 # with compile, lengths are padded to a multiple of 16, so fewer shapes need a graph of their own
 pad_multiple = 16 if compile else 1
+# --packing: rows of at most pack_tokens tokens, attention by FlexAttention or model.Segments
+use_flex = runtime.use_flex_attention(attention, packing, process, dropout)
+row_packing = None
+if packing:
+    row_packing = Packing(pack_tokens, flex=use_flex)
 
 
 def compute_loss(model, rows):
@@ -156,8 +167,8 @@ def compute_loss(model, rows):
     and padding masked out (logprobs.completion_logps collates them; notebook 02 draws the mask)."""
     # (B,) each: summed over the response tokens and EOS, and how many tokens that is
     logps, n_tokens = completion_logps(model, rows, tok.pad_id, block_size, process.device,
-                                       pad_multiple,
-                                       logprobs=logprob_kind, chunk=logprob_chunk)
+                                       pad_multiple, logprobs=logprob_kind, chunk=logprob_chunk,
+                                       packing=row_packing)
     return sft_loss(logps, n_tokens)
 
 

@@ -81,11 +81,22 @@ def reset_peak_rss():
         return False
 
 
-def step_peak_memory(step, device_type):
+def step_peak_memory(step, device_type, repeats=1):
     """Run step() once as a warm-up, then once more -> {'peak_mb': the peak memory while it ran, 'step_mb': that
     peak over the memory before it}, in MB: CUDA allocated memory (torch.cuda.max_memory_allocated, reset before),
-    a CPU's resident memory (None for both where /proc is missing)."""
+    a CPU's resident memory (None for both where /proc is missing). repeats > 1: that many steps measured after
+    the one warm-up, each on its own (for a step that cycles through batches of different lengths): the largest
+    peak, with its step_mb, and every measured step's peak in 'peaks_mb'."""
     step()
+    if repeats == 1:
+        return _measured_step(step, device_type)
+    found = [_measured_step(step, device_type) for _ in range(repeats)]
+    largest = max(found, key=lambda m: m["peak_mb"] or 0)
+    return dict(largest, peaks_mb=[m["peak_mb"] for m in found])
+
+
+def _measured_step(step, device_type):
+    """step_peak_memory's measurement of one step() (after the warm-up)."""
     if device_type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -102,15 +113,21 @@ def step_peak_memory(step, device_type):
 
 def memory_table(found, device_type):
     """step_peak_memory's numbers per kind {kind: {'peak_mb', 'step_mb'}} as lines of text; a '<kind>_chunked' is
-    also shown over its plain '<kind>', and every kind over dpo_live's peak (the plain live DPO step) when measured."""
+    also shown over its plain '<kind>', a '<kind>_packed' over its padded '<kind>', and every kind over dpo_live's
+    peak (the plain live DPO step), each where both were measured."""
     live = found.get("dpo_live", {}).get("peak_mb")
+
+    def over(kind, suffix):  # a kind's peak over its twin's without `suffix`, or '' where either is missing
+        twin = found.get(kind.removesuffix(suffix), {}).get("peak_mb") if kind.endswith(suffix) else None
+        return f"{found[kind]['peak_mb'] / twin:.2f}" if twin and found[kind]["peak_mb"] else ""
+
     lines = [(f"peak memory of a step, MB ({'allocated' if device_type == 'cuda' else 'resident'}; step: over the "
-              "memory before it; /plain: a *_chunked kind's peak over its plain kind's; /dpo_live: over dpo_live's)"),
-             f"  {'kind':<27}{'peak':>10}{'step':>10}{'/plain':>8}{'/dpo_live':>10}"]
+              "memory before it; /plain: a *_chunked kind's peak over its plain kind's; /padded: a *_packed kind's "
+              "over its padded twin's; /dpo_live: over dpo_live's)"),
+             f"  {'kind':<34}{'peak':>10}{'step':>10}{'/plain':>8}{'/padded':>8}{'/dpo_live':>10}"]
     for kind, m in found.items():
-        plain = found.get(kind.removesuffix("_chunked"), {}).get("peak_mb") if kind.endswith("_chunked") else None
-        lines.append(f"  {kind:<27}{m['peak_mb'] or 0:>10,.0f}{m['step_mb'] or 0:>10,.0f}"
-                     + (f"{m['peak_mb'] / plain:>8.2f}" if plain and m["peak_mb"] else f"{'':>8}")
+        lines.append(f"  {kind:<34}{m['peak_mb'] or 0:>10,.0f}{m['step_mb'] or 0:>10,.0f}"
+                     f"{over(kind, '_chunked'):>8}{over(kind, '_packed'):>8}"
                      + (f"{m['peak_mb'] / live:>10.2f}" if live and m["peak_mb"] else ""))
     return "\n".join(lines)
 

@@ -70,9 +70,10 @@ def mismatched(seqs, block_size):
 
 
 def batch_loss(policy_model, reference_model, rows, beta, desirable_weight, undesirable_weight, rt,
-               pad_id, block_size, multiple=1, logprobs="plain", chunk=1024):
+               pad_id, block_size, multiple=1, logprobs="plain", chunk=1024, packing=None):
     """KTO on a micro-batch of examples [(prompt_ids, completion_ids, desirable)]. pad_id, block_size,
-    multiple, logprobs, chunk: as logprobs.completion_logps takes them. Returns (loss, metrics): rewards of
+    multiple, logprobs, chunk, packing: as logprobs.completion_logps takes them (packing: the matched
+    rows and the mismatched KL rows are packed alike). Returns (loss, metrics): rewards of
     the desirable (logged as rewards/chosen) and undesirable (rewards/rejected) rows of the micro-batch, their
     policy log-probs, and kl, the reference point."""
     seqs = [(p, y) for p, y, _ in rows]
@@ -80,7 +81,8 @@ def batch_loss(policy_model, reference_model, rows, beta, desirable_weight, unde
 
     def logps(model, seqs):
         """(B,) summed log-probs of the completions."""
-        return completion_logps(model, seqs, pad_id, block_size, rt.device, multiple, logprobs, chunk)[0]
+        return completion_logps(model, seqs, pad_id, block_size, rt.device, multiple, logprobs, chunk,
+                                packing)[0]
 
     desirable = torch.tensor([label for _, _, label in rows], device=rt.device)  # (B,) bool
     policy_logps = logps(policy_model, seqs)  # (B,), with gradients

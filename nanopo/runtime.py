@@ -277,15 +277,21 @@ def grad_scaler(rt):
     return torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
 
 
-def use_flex_attention(attention, prefix_sharing, rt):
-    """Whether prefix-shared rows use FlexAttention (a fused kernel that skips masked blocks: CUDA only, as
-    torch 2.13 has no FlexAttention backward on a CPU) or SDPA with a boolean mask. attention: 'auto' (flex on
-    CUDA), 'flex' or 'sdpa'."""
+def use_flex_attention(attention, masked_rows, rt, dropout=0.0):
+    """Whether prefix-shared or packed rows (masked_rows: the run has some) use FlexAttention (a fused kernel
+    that skips masked blocks: CUDA only, as torch 2.13 has no FlexAttention backward on a CPU) or SDPA (with a
+    boolean mask for prefix-shared rows; for packed ones model.Segments, segments of similar length at a time).
+    attention: 'auto' (flex on CUDA), 'flex' or 'sdpa'. FlexAttention has no attention dropout, so with
+    dropout > 0 'auto' keeps SDPA and 'flex' is an error."""
     if attention not in ("auto", "flex", "sdpa"):
         raise UserError(f"unknown attention '{attention}': expected 'auto', 'flex' or 'sdpa'")
     if attention == "flex" and (not FLEX_AVAILABLE or rt.device_type != "cuda"):
         raise UserError("attention='flex' needs a CUDA GPU and torch >= 2.5 (FlexAttention has no backward on a CPU)")
-    return prefix_sharing and FLEX_AVAILABLE and rt.device_type == "cuda" and attention in ("auto", "flex")
+    if attention == "flex" and dropout > 0:
+        raise UserError(f"attention='flex' with dropout={dropout}: FlexAttention has no attention dropout; use "
+                        "--attention=sdpa or --dropout=0")
+    return (masked_rows and FLEX_AVAILABLE and rt.device_type == "cuda" and attention in ("auto", "flex")
+            and dropout == 0)
 
 
 # -----------------------------------------------------------------------------------------------------------

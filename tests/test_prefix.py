@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import model as model_module
 from data import collate_pairs, collate_prefix_shared
-from logprobs import packed_row_logps
+from logprobs import prefix_shared_row_logps
 from model import GPT, GPTConfig
 
 E, PAD = 256, 257  # the byte tokenizer's EOS and padding ids
@@ -93,7 +93,7 @@ def test_logps_and_gradients_match_plain_forward(model):
     batch = collate_prefix_shared(pairs, PAD)
     logits = model(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"])
     assert torch.isfinite(logits).all()  # padded query rows must not be NaN
-    sc, sr, sc_n, sr_n = packed_row_logps(logits, batch)
+    sc, sr, sc_n, sr_n = prefix_shared_row_logps(logits, batch)
     shared_grads = torch.autograd.grad((sc - sr).sum(), params)
 
     B = len(pairs)
@@ -115,7 +115,7 @@ def test_leaky_mask_is_detected(model):
     batch["attn_mask"] = batch["attn_mask"] | torch.ones_like(batch["attn_mask"]).tril()  # plain causal
     with torch.no_grad():
         logits = model(batch["idx"], pos=batch["pos"], attn_mask=batch["attn_mask"])
-        _, sr, _, _ = packed_row_logps(logits, batch)
+        _, sr, _, _ = prefix_shared_row_logps(logits, batch)
     assert (sr - pr).abs().max() > 1e-3
 
 
