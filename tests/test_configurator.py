@@ -144,7 +144,7 @@ def script_settings(path):
 
 
 @pytest.mark.parametrize("script", ["sft.py", "dpo.py", "grpo.py", "sample.py",
-                                    "scripts/online_dpo.py",
+                                    "scripts/online_dpo.py", "scripts/seeds.py",
                                     "bench/step_time.py", "bench/threads.py", "bench/packed_attention.py"])
 def test_help_lists_every_setting_with_its_default(script, repo_root, script_env, tmp_path):
     """--help prints every setting with its default (and its comment), under the script's own group

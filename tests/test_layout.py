@@ -19,7 +19,7 @@ LAYERS = ["configurator", "model", "data", "logprobs", "losses", "nanopo.lora", 
           "bench.measure"]
 SCRIPTS = ["sft.py", "dpo.py", "grpo.py", "sample.py", "scripts/online_dpo.py", "scripts/export_hf.py",
            "scripts/plot.py", "scripts/compare.py", "bench/step_time.py", "bench/memory.py",
-           "bench/threads.py", "bench/packed_attention.py"]
+           "bench/threads.py", "bench/packed_attention.py", "scripts/seeds.py"]
 PACKAGES = ["nanopo", "bench", "scripts"]
 # what a learner reads and runs: the only .py files at the top level
 LESSON = {"model.py", "data.py", "losses.py", "logprobs.py", "sft.py", "dpo.py", "grpo.py",
