@@ -60,6 +60,10 @@ CLAIMS = {
         "on verified pairs, continued SFT on the chosen answers beats DPO (docs/results.md)",
         {"sft_chosen": ["dpo.py", "config/sft_baseline.py"], "dpo": ["dpo.py"]},
         metric="task_accuracy", compare=("sft_chosen", "dpo")),
+    "lora": Claim(
+        "rank-8 LoRA adapters do as well as full fine-tuning in DPO (docs/lora_and_checkpointing.md)",
+        {"lora": ["dpo.py", "config/lora.py"], "dpo": ["dpo.py"]},
+        metric="task_accuracy", compare=("lora", "dpo")),
 }
 
 
