@@ -281,11 +281,13 @@ def packed_batch(rows, lengths, pad_id, device, multiple, packing):
                  group_multiple=multiple)
     seg_mask = batch.pop("seg_mask")
     group_masks = batch.pop("group_masks")
+    attn_mask = None
+    if packing.flex:
+        # from the host's tensors: the tiles are found without a GPU sync per segment
+        attn_mask = document_block_mask(batch["doc"], batch["local"], seg_mask, device=device)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     if packing.flex:
-        if seg_mask is not None:
-            seg_mask = seg_mask.to(device)
-        batch["attn_mask"] = document_block_mask(batch["doc"], batch["local"], seg_mask)
+        batch["attn_mask"] = attn_mask
     else:
         if group_masks is not None:
             group_masks = [m.to(device) for m in group_masks]

@@ -475,7 +475,7 @@ def block_mask(dense):
     return create_block_mask(may_attend, B, None, T, T, device=dense.device)
 
 
-def document_block_mask(doc, local, seg_mask=None, block=128):
+def document_block_mask(doc, local, seg_mask=None, block=128, device=None):
     """The attention of packed rows (data.pack) as a FlexAttention BlockMask: a query sees the keys
     of its own segment only (doc (R, T), -1 on padding), causally, or as the segments' own mask
     says (seg_mask (S, 1, L, L), read at the columns' places in their segment, local (R, T)).
@@ -483,22 +483,29 @@ def document_block_mask(doc, local, seg_mask=None, block=128):
     FlexAttention computes only the (block x block) tiles the BlockMask lists. They are found from
     the segments' extents, not by evaluating the mask at all T x T places (create_block_mask's way,
     whose memory grows with T^2: a micro-batch packed into one row of 40k tokens would need GBs):
-    tile (q, k) is listed when one segment spans both and k <= q, or k = q (padding's diagonal)."""
+    tile (q, k) is listed when one segment spans both and k <= q, or k = q (padding's diagonal).
+    The tiles are found on the host (pass CPU tensors: no GPU sync per segment); the mask and the
+    BlockMask live on `device` (default: doc's)."""
+    device = device or doc.device
     R, T = doc.shape
     n_blocks = -(-T // block)
     listed = torch.eye(n_blocks, dtype=torch.bool).repeat(R, 1, 1)  # (R, n_blocks, n_blocks)
-    columns = torch.arange(T, device=doc.device)
+    host_doc = doc.cpu()
+    columns = torch.arange(T)
     for r in range(R):
-        for s in doc[r].unique().tolist():
+        for s in host_doc[r].unique().tolist():
             if s < 0:
                 continue
-            where = columns[doc[r] == s]
+            where = columns[host_doc[r] == s]
             first, last = where[0].item() // block, where[-1].item() // block
             span = torch.ones(last - first + 1, last - first + 1, dtype=torch.bool).tril()
             listed[r, first:last + 1, first:last + 1] |= span
     # per query tile, the key tiles it computes: their count and indices (listed ones first)
     kv_num_blocks = listed.sum(-1).int()[:, None]  # (R, 1, n_blocks)
     kv_indices = torch.argsort(~listed, dim=-1, stable=True).int()[:, None]
+    doc, local = doc.to(device), local.to(device)
+    if seg_mask is not None:
+        seg_mask = seg_mask.to(device)
 
     def may_attend(b, h, q, kv):
         same = doc[b, q] == doc[b, kv]
@@ -509,7 +516,7 @@ def document_block_mask(doc, local, seg_mask=None, block=128):
         # the diagonal: no empty softmax row (NaN) on padding
         return (same & inside) | (q == kv)
 
-    return BlockMask.from_kv_blocks(kv_num_blocks.to(doc.device), kv_indices.to(doc.device),
+    return BlockMask.from_kv_blocks(kv_num_blocks.to(device), kv_indices.to(device),
                                     BLOCK_SIZE=block, mask_mod=may_attend, seq_lengths=(T, T))
 
 
