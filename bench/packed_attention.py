@@ -38,6 +38,7 @@ g = torch.Generator().manual_seed(seed)
 
 
 def lognormal(median, sigma, cap):
+    """One length drawn log-normally around `median`, between 1 and `cap`."""
     return max(1, min(cap, round(math.exp(math.log(median) + sigma * torch.randn(1, generator=g).item()))))
 
 
@@ -64,6 +65,7 @@ print(f"{size}: {B} pairs, {len(lengths)} segments of {min(lengths)}-{max(length
 
 
 def packed_loss(attn_mask):
+    """The packed row's summed log-probs per response, (2B,), with the given attention."""
     logits = model(batch["idx"], pos=batch["pos"], attn_mask=attn_mask)
     rows_ = torch.arange(logits.size(0))[:, None]
     per_token = token_logps(logits[rows_, batch["cols"]], batch["targets"])
@@ -71,6 +73,7 @@ def packed_loss(attn_mask):
 
 
 def padded_loss(_):
+    """The padded rows' summed log-probs per response, (2B,): the reference."""
     chosen, rejected, _, _ = concatenated_logps(model, pairs, PAD, 512, "cpu")
     return torch.cat([chosen, rejected])
 

@@ -210,6 +210,7 @@ def fmt(value, signed=False):
 
 
 def main():
+    """Run the claims the settings name on their seeds and write each one's table (or list the claims)."""
     config = apply_overrides(globals())
     names = [c for c in config["claims"].split(",") if c]
     if config["list_claims"] or not names:
