@@ -36,29 +36,43 @@ def format_value(key, value):
     return f"{value:.4f}"
 
 
-def sampled_kl_to_sft(run_dir, n_prompts, draws=4):
-    """KL(policy || SFT model) in nats per answer for a dpo.py or grpo.py run on the embedded task, from
-    samples of the run's final policy on the first n_prompts held-out problems, as 'kl±stderr'; None
-    for any other run (an SFT run, one from scratch or on a dataset, one whose checkpoint or SFT
-    checkpoint is gone). The SFT checkpoint is the path the run's config names."""
+def frontier_point(ckpt_path, n_prompts, draws=4, sft_path=None):
+    """The reward-KL frontier point of a dpo.py, grpo.py or online-rounds policy on the embedded task: samples
+    of the checkpoint's policy at temperature 1 on the first n_prompts held-out problems (`draws` each, on the
+    CPU, seed 0), their mean true reward (the judge's hidden reward when the run was judged) and accuracy,
+    and KL(policy || the SFT model the run started from), each with its standard error: tasks.sampled_kl's
+    dict. None for any other run (an SFT run, one from scratch or on a dataset, one whose checkpoint or SFT
+    checkpoint is gone). The SFT checkpoint is sft_path, by default the one the run's config names (an online
+    round's names the previous round's policy, so scripts/online_dpo.py passes its own)."""
     import torch
     from data import Tokenizer
     from nanopo.checkpoint import load_checkpoint, model_from_checkpoint, task_settings
     from nanopo.tasks import AdditionTask, sampled_kl
-    path = os.path.join(run_dir, "ckpt.pt")
-    if not os.path.exists(path):
+    if not os.path.exists(ckpt_path):
         return None
-    run = load_checkpoint(path)
-    sft_path = run["config"].get("sft_ckpt")
+    run = load_checkpoint(ckpt_path)
+    if sft_path is None:
+        sft_path = run["config"].get("sft_ckpt")
     if not sft_path or run["config"].get("dataset") or not os.path.exists(sft_path):
         return None
     sft = load_checkpoint(sft_path)
-    task = AdditionTask(**task_settings(sft["config"]))
-    policy = model_from_checkpoint(run, path, dropout=0.0)
+    if "n_digits" not in sft["config"]:
+        return None
+    reward = run["config"].get("judge_reward", "log_error")
+    task = AdditionTask(**task_settings(sft["config"]), reward=reward)
+    policy = model_from_checkpoint(run, ckpt_path, dropout=0.0)
     sft_model = model_from_checkpoint(sft, sft_path, dropout=0.0)
     with torch.no_grad():
-        point = sampled_kl(policy, sft_model, task, Tokenizer(sft["tokenizer"]), n_prompts,
-                           task.max_new_tokens, draws=draws)
+        return sampled_kl(policy, sft_model, task, Tokenizer(sft["tokenizer"]), n_prompts,
+                          task.max_new_tokens, draws=draws)
+
+
+def sampled_kl_to_sft(run_dir, n_prompts, draws=4):
+    """KL(policy || SFT model) in nats per answer for a run folder's final policy (frontier_point), as
+    'kl±stderr'; None where frontier_point has no point."""
+    point = frontier_point(os.path.join(run_dir, "ckpt.pt"), n_prompts, draws)
+    if point is None:
+        return None
     return f"{point['kl']:.3f}±{point['kl_stderr']:.3f}"
 
 

@@ -7,7 +7,8 @@ the round's starting policy, the previous round's result (--reference=previous, 
 
 At the end it prints the final policy's point of the reward-KL frontier: the mean true reward (and accuracy) of
 its samples at temperature 1 on held-out prompts, and KL(policy || SFT model) estimated from the same samples.
-Greedy accuracy alone hides what rounds do to the policy's distribution (docs/judged_pairs.md).
+Greedy accuracy alone hides what rounds do to the policy's distribution (docs/judged_pairs.md). The same
+results go to out_dir/summary.json, as dpo.py writes one (scripts/seeds.py reads it).
 
 The budget is the offline run's: n_pairs judged pairs and max_iters optimizer steps in all, split evenly over
 the rounds, so `--rounds=1` is the offline baseline at the same cost.
@@ -22,20 +23,20 @@ SIGTERM or a first Ctrl-C reaches the running round, which saves a checkpoint af
 then exits with code 75, as dpo.py does.
 """
 
+import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import time
 
 import torch
 
-from nanopo.checkpoint import load_checkpoint, model_from_checkpoint, task_settings
-from configurator import apply_overrides
-from data import Tokenizer
-from configurator import UserError, install_error_handler
+from configurator import UserError, apply_overrides, install_error_handler
 from nanopo import runtime
-from nanopo.tasks import AdditionTask, sampled_kl
+from nanopo.checkpoint import load_checkpoint
+from scripts.compare import frontier_point
 
 install_error_handler()
 # -----------------------------------------------------------------------------------------------------------
@@ -116,16 +117,30 @@ for k in range(1, rounds + 1):
             raise UserError(f"round {k} failed (its output is above); run the same command again to resume it")
     start = os.path.join(round_dir, "ckpt.pt")  # the next round's policy starts here
 final = torch.load(start, map_location="cpu", weights_only=True)
-shown = ", ".join(f"{key} {final[key]:.1%}" if key == "task_accuracy" else f"{key} {final[key]:.4f}"
-                  for key in ("task_accuracy", "task_reward") if key in final)
-sft = load_checkpoint(sft_ckpt)
-if frontier_prompts > 0 and "n_digits" in sft["config"]:
-    # the embedded task the rounds were judged on, and the two models on the CPU in fp32, dropout off
-    task = AdditionTask(**task_settings(sft["config"]), reward=final["config"].get("judge_reward", "log_error"))
-    policy, sft_model = (model_from_checkpoint(c, p, dropout=0.0) for c, p in ((final, start), (sft, sft_ckpt)))
-    point = sampled_kl(policy, sft_model, task, Tokenizer(sft["tokenizer"]), frontier_prompts, task.max_new_tokens,
-                       draws=frontier_draws)
-    shown += (f"; sampled (T 1, {frontier_draws} x {min(frontier_prompts, len(task.eval_problems))} prompts): reward "
+results = {key: final[key] for key in ("task_accuracy", "task_reward") if key in final}
+shown = ", ".join(f"{key} {value:.1%}" if key == "task_accuracy" else f"{key} {value:.4f}"
+                  for key, value in results.items())
+t_frontier = time.time()
+point = None
+if frontier_prompts > 0:
+    # the embedded task the rounds were judged on, both models on the CPU in fp32, dropout off; KL to the SFT
+    # model (the last round's own config names the previous round as its start)
+    point = frontier_point(start, frontier_prompts, draws=frontier_draws, sft_path=sft_ckpt)
+if point is not None:
+    results.update(point)
+    n_prompts = min(frontier_prompts, int(load_checkpoint(sft_ckpt)["config"]["n_eval"]))
+    shown += (f"; sampled (T 1, {frontier_draws} x {n_prompts} prompts): reward "
               f"{point['sampled_reward']:.3f} ± {point['sampled_reward_stderr']:.3f}, accuracy "
               f"{point['sampled_accuracy']:.1%}, KL to SFT {point['kl']:.3f} ± {point['kl_stderr']:.3f}")
-print(f"ONLINE done: {rounds} round(s), reference {reference}: held-out {shown} -> {start}")
+last_line = f"ONLINE done: {rounds} round(s), reference {reference}: held-out {shown} -> {start}"
+# out_dir/summary.json, as dpo.py writes one: the final policy's held-out results and frontier point, and the
+# wall time of the rounds (each round's own summary.json) plus the frontier's sampling
+round_walls = []
+for k in range(1, rounds + 1):
+    with open(os.path.join(out_dir, f"round{k}", "summary.json")) as f:
+        round_walls.append(json.load(f)["wall_s"])
+with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump({"results": results, "wall_s": sum(round_walls) + time.time() - t_frontier,
+               "round_wall_s": round_walls, "ckpt": start, "config": config, "last_line": last_line}, f,
+              indent=2)
+print(last_line)

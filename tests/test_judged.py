@@ -182,6 +182,20 @@ def test_online_rounds_their_reference_and_resume(sft_ckpt, repo_root, script_en
     last = out.strip().splitlines()[-1]
     assert "ONLINE done: 2 round(s)" in last and "sampled (T 1, 4 x 100 prompts)" in last and "KL to SFT" in last
     r1, r2 = tmp_path / "sft_ref" / "round1", tmp_path / "sft_ref" / "round2"
+    # out_dir/summary.json holds what the last line says (scripts/seeds.py reads it), the KL measured against
+    # the SFT model, not round 1's policy that round 2's own config names as its start
+    with open(tmp_path / "sft_ref" / "summary.json") as f:
+        summary = json.load(f)
+    results = summary["results"]
+    assert summary["last_line"] == last and summary["ckpt"] == str(r2 / "ckpt.pt")
+    assert f"reward {results['sampled_reward']:.3f} ± {results['sampled_reward_stderr']:.3f}" in last
+    assert f"KL to SFT {results['kl']:.3f} ± {results['kl_stderr']:.3f}" in last
+    assert f"task_accuracy {results['task_accuracy']:.1%}" in last
+    from scripts.compare import frontier_point
+    to_round1 = frontier_point(str(r2 / "ckpt.pt"), 100, sft_path=str(r1 / "ckpt.pt"))
+    assert abs(to_round1["kl"] - results["kl"]) > 1e-3
+    round_walls = [json.load(open(r / "summary.json"))["wall_s"] for r in (r1, r2)]
+    assert summary["round_wall_s"] == round_walls and summary["wall_s"] >= sum(round_walls)
     # round 2 starts from round 1's policy; its reference stays the SFT model, so its first loss is not ln 2
     assert torch.load(r2 / "ckpt.pt", weights_only=True)["config"]["sft_ckpt"] == str(r1 / "ckpt.pt")
     assert abs(first_loss(r1) - math.log(2)) < 1e-6 and abs(first_loss(r2) - math.log(2)) > 1e-4
