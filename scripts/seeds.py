@@ -100,6 +100,13 @@ OPTIONS = {
     "js": ["dpo.py", "--f_divergence_type=js"],
 }
 
+# the losses and options of docs/judged_pairs.md's loss-family table, on judged pairs sampled at temperature 1
+JUDGED_T1 = ["--pairs=judged", "--n_samples=4"]
+JUDGED_FAMILY = {name: LOSS_RECIPES[name] + JUDGED_T1
+                 for name in ("dpo", "dpo_norm", "robust", "exo", "nca", "bco", "sppo_hard", "aot", "aot_unpaired",
+                              "apo_zero", "apo_down", "discopop")}
+JUDGED_FAMILY.update({name: command + JUDGED_T1 for name, command in OPTIONS.items()})
+
 CLAIMS = {
     "judged": Claim(
         "on judged pairs, DPO's held-out reward is higher than Preferred-FT's (docs/judged_pairs.md)",
@@ -116,8 +123,7 @@ CLAIMS = {
     "judged_t1": Claim(
         "on judged pairs sampled at temperature 1 and judged with tau 1 (the loss-family table's pairs, the chosen "
         "answer right about nine times in ten), Preferred-FT beats DPO (docs/judged_pairs.md)",
-        {"preferred_ft": ["dpo.py", "config/sft_baseline.py", "--pairs=judged", "--n_samples=4"],
-         "dpo": ["dpo.py", "--pairs=judged", "--n_samples=4"]},
+        {"preferred_ft": ["dpo.py", "config/sft_baseline.py"] + JUDGED_T1, "dpo": ["dpo.py"] + JUDGED_T1},
         metric="task_accuracy", compare=("preferred_ft", "dpo")),
     "online": Claim(
         "four online rounds with the previous round as reference earn more sampled reward than one offline round "
@@ -144,6 +150,10 @@ CLAIMS = {
         "every loss but apo_down beats the SFT model by more than 30 points of accuracy (docs/results.md's "
         "second table; its first claims at least 26 points)",
         LOSS_RECIPES, metric="task_accuracy", compare=None, threshold=0.30),
+    "judged_family": Claim(
+        "on judged pairs sampled at temperature 1 and judged with tau 1, every loss and option but apo_down, robust, "
+        "exo and aot_unpaired gains more than 10 points of accuracy over the SFT model (docs/judged_pairs.md)",
+        JUDGED_FAMILY, metric="task_accuracy", compare=None, threshold=0.10, folder="judged_t1"),
     "every_option": Claim(
         "every dynamics option on DPO beats the SFT model by more than 36 points of accuracy (docs/results.md)",
         OPTIONS, metric="task_accuracy", compare=None, threshold=0.36),
