@@ -320,16 +320,12 @@ def sft_sampled_reward(sft_dir):
     reward-KL frontier's point at KL 0. Measured once, kept in sft_dir/frontier.json."""
     path = os.path.join(sft_dir, "frontier.json")
     if not os.path.exists(path):
-        import torch
-        from data import Tokenizer
-        from nanopo.checkpoint import load_checkpoint, model_from_checkpoint, task_settings
-        from nanopo.tasks import AdditionTask, sampled_kl
-        sft = load_checkpoint(os.path.join(sft_dir, "ckpt.pt"))
-        task = AdditionTask(**task_settings(sft["config"]))
-        model = model_from_checkpoint(sft, sft_dir, dropout=0.0)
-        with torch.no_grad():
-            point = sampled_kl(model, model, task, Tokenizer(sft["tokenizer"]), FRONTIER_PROMPTS,
-                               task.max_new_tokens, draws=4)
+        from scripts.compare import frontier_point
+        ckpt = os.path.join(sft_dir, "ckpt.pt")
+        # the SFT model against itself: KL 0, and the reward of its own samples
+        point = frontier_point(ckpt, FRONTIER_PROMPTS, sft_path=ckpt)
+        if point is None:
+            sys.exit(f"error: {sft_dir} has no SFT checkpoint on the embedded task to sample from")
         with open(path, "w") as f:
             json.dump(point, f, indent=1)
     with open(path) as f:
